@@ -1,0 +1,343 @@
+"""Batched forward passes that feed neuron activations into streaming statistics.
+
+Prompts are tokenized in windows, sorted by length inside each window (length buckets, little
+padding) and run in batches through the model body only: no LM head, and the forward stops at the
+down projection of the last layer that is needed. A token prefix shared by every prompt (the chat
+template's system turn) runs once; its keys and values are reused for every batch.
+
+Positions:
+  "last": the last real token of each prompt (the paper's choice), whatever the padding side;
+  "all":  every non-pad token of every prompt is one sample;
+  "mean": the mean over a prompt's non-pad tokens is one sample.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import CNAError
+from .models import get_adapter
+from .stats import NEGATIVE, POSITIVE, NeuronStats, batch_moments
+
+POSITIONS = ("last", "all", "mean")
+PADDING_SIDES = ("left", "right")
+_WINDOW_BATCHES = 32  # a tokenization window holds this many batches, sorted by length
+_MIN_PREFIX_TOKENS = 2
+
+
+class _StopForward(Exception):
+    """Raised from the last needed layer to skip the rest of the model."""
+
+
+def validate_position(position: str) -> str:
+    if position not in POSITIONS:
+        raise CNAError(f"unknown position {position!r}: choose one of {', '.join(POSITIONS)}")
+    return position
+
+
+def _template_kwargs(tokenizer, chat_template: bool | str | None) -> dict | None:
+    """Arguments for apply_chat_template, or None to feed raw text."""
+    if chat_template is False:
+        return None
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(chat_template, str):
+        return {"chat_template": chat_template}
+    if chat_template is True and not has_template:
+        raise CNAError("chat_template=True but the tokenizer has no chat template: pass chat_template=False or a template")
+    return {} if has_template else None
+
+
+def uses_chat_template(tokenizer, chat_template: bool | str | None) -> bool:
+    """Whether prompts are wrapped in the chat template (None: when the tokenizer has one)."""
+    return _template_kwargs(tokenizer, chat_template) is not None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool | str | None = None) -> list[list[int]]:
+    """Token ids of each prompt, as the model sees it: a user turn plus generation prompt, or raw text."""
+    template = _template_kwargs(tokenizer, chat_template)
+    if template is None:
+        return tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, **template
+        )
+        for prompt in prompts
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def shared_prefix(tokenizer, chat_template: bool | str | None = None) -> list[int]:
+    """Tokens the chat template puts before every user message (empty without a template)."""
+    if not uses_chat_template(tokenizer, chat_template):
+        return []
+    first, second = encode_prompts(tokenizer, ["0", "Q"], chat_template)
+    length = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    return first[:length]
+
+
+@dataclass
+class Batch:
+    """A padded batch: ids and mask [B, T], positions [B, T], label per row, real lengths."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    padding_side: str
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int, padding_side: str,
+              position_offset: int = 0) -> Batch:
+    """Pad token id lists to one tensor; position ids count real tokens only, from `position_offset`."""
+    lengths = torch.tensor([len(seq) for seq in sequences])
+    width = int(lengths.max())
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0) + position_offset
+    return Batch(input_ids, attention_mask, position_ids, torch.tensor(list(labels), dtype=torch.long), lengths,
+                 padding_side)
+
+
+class _Recorder:
+    """Forward pre-hooks on the neuron sites: reduce each layer's activations to sample rows."""
+
+    def __init__(self, adapter, layers: Sequence[int], position: str) -> None:
+        self.adapter = adapter
+        self.layers = list(layers)
+        self.position = position
+        self.last_layer = max(self.layers)
+        self.rows: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.batch: Batch | None = None
+        self.prefix_sums: list[torch.Tensor] | None = None  # "mean" with a shared prefix
+        self.prefix_length = 0
+        self.record_prefix = False
+        self._handles = []
+
+    def __enter__(self) -> "_Recorder":
+        for slot, layer in enumerate(self.layers):
+            hook = self._make_hook(slot, stop=layer == self.last_layer)
+            self._handles.append(self.adapter.neuron_site(layer).register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, slot: int, stop: bool):
+        def hook(module, args):
+            self.rows[slot] = self._reduce(slot, args[0])
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    def _reduce(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] activations of one layer -> the sample rows the position mode asks for."""
+        if self.record_prefix:
+            return hidden[0]
+        batch = self.batch
+        if self.position == "last":
+            if batch.padding_side == "left":
+                return hidden[:, -1]
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, batch.lengths.to(hidden.device) - 1]
+        mask = batch.attention_mask.to(hidden.device, hidden.dtype)
+        if self.position == "all":
+            return hidden[mask.bool()]
+        sums = torch.bmm(mask[:, None, :], hidden)[:, 0]
+        if self.prefix_sums is not None:
+            sums = sums + self.prefix_sums[slot].to(sums.device, sums.dtype)
+        lengths = batch.lengths.to(hidden.device, hidden.dtype) + self.prefix_length
+        return sums / lengths[:, None]
+
+
+def _windows(labeled: Iterable[tuple[str, int]], size: int) -> Iterator[list[tuple[str, int]]]:
+    iterator = iter(labeled)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+def _check_prompt(prompt: object, number: int) -> str:
+    if not isinstance(prompt, str):
+        raise CNAError(f"prompt {number} is a {type(prompt).__name__}, not a string")
+    if not prompt.strip():
+        raise CNAError(f"prompt {number} is empty: remove empty prompts from the set")
+    return prompt
+
+
+class Capturer:
+    """Runs prompts through a model and accumulates neuron statistics per group."""
+
+    def __init__(self, model, tokenizer, *, layers: Sequence[int] | None = None, position: str = "last",
+                 chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
+                 prefix_cache: bool = True, progress: bool = True) -> None:
+        self.adapter = get_adapter(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.position = validate_position(position)
+        if padding_side not in PADDING_SIDES:
+            raise CNAError(f"unknown padding side {padding_side!r}: choose left or right")
+        if batch_size < 1:
+            raise CNAError(f"batch_size must be at least 1, got {batch_size}")
+        self.layers = validate_layers(layers if layers is not None else range(self.adapter.num_layers),
+                                      self.adapter.num_layers)
+        if not self.layers:
+            raise CNAError("no layers left to capture: every layer was excluded")
+        self.chat_template = chat_template
+        self.batch_size = batch_size
+        self.padding_side = padding_side
+        self.progress = progress
+        self.prefix = shared_prefix(tokenizer, chat_template) if prefix_cache else []
+        if len(self.prefix) < _MIN_PREFIX_TOKENS:
+            self.prefix = []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.device = self.adapter.layer_device(self.layers[0])
+        self.input_device = self.adapter.body.get_input_embeddings().weight.device
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._prefix_rows: list[torch.Tensor] | None = None
+
+    def run(self, labeled: Iterable[tuple[str, int]], n_groups: int = 2, total: int | None = None,
+            stats: NeuronStats | None = None) -> NeuronStats:
+        """Feed (prompt, group) pairs; returns (and extends, if given) the statistics."""
+        if stats is None:
+            stats = NeuronStats(self.layers, self.adapter.d_ff, n_groups, device=self.device)
+        elif stats.layers != self.layers:
+            raise CNAError(f"statistics cover layers {stats.layers}, this capture covers {self.layers}")
+        seen = 0
+        bar = tqdm(total=total, desc="capture", unit="prompt", disable=not self.progress)
+        with torch.inference_mode(), _Recorder(self.adapter, self.layers, self.position) as recorder:
+            for window in _windows(labeled, self.batch_size * _WINDOW_BATCHES):
+                prompts = [_check_prompt(prompt, seen + i + 1) for i, (prompt, _) in enumerate(window)]
+                for _, label in window:
+                    if not 0 <= label < n_groups:
+                        raise CNAError(f"group label {label} is outside 0..{n_groups - 1}")
+                seen += len(window)
+                encoded = encode_prompts(self.tokenizer, prompts, self.chat_template)
+                for batch in self._batches(encoded, [label for _, label in window]):
+                    self._run_batch(recorder, stats, *batch)
+                    bar.update(len(batch[0]))
+        bar.close()
+        if seen == 0:
+            raise CNAError("no prompts to capture: the prompt set is empty")
+        return stats
+
+    def _batches(self, encoded: list[list[int]], labels: list[int]):
+        """Length-sorted batches, split into those that start with the shared prefix and those that don't."""
+        n_prefix = len(self.prefix)
+        with_prefix = [n_prefix > 0 and len(ids) > n_prefix and ids[:n_prefix] == self.prefix for ids in encoded]
+        for use_prefix in (True, False):
+            members = [i for i in range(len(encoded)) if with_prefix[i] == use_prefix]
+            members.sort(key=lambda i: len(encoded[i]))
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                cut = n_prefix if use_prefix else 0
+                yield [encoded[i][cut:] for i in chunk], [labels[i] for i in chunk], use_prefix
+
+    def _forward(self, batch: Batch, cache) -> None:
+        body = self.adapter.body
+        try:
+            body(input_ids=batch.input_ids.to(self.input_device),
+                 attention_mask=batch.attention_mask.to(self.input_device),
+                 position_ids=batch.position_ids.to(self.input_device),
+                 past_key_values=cache, use_cache=cache is not None)
+        except _StopForward:
+            return
+        raise RuntimeError("the forward pass never reached the last captured layer's down projection")
+
+    def _prepare_prefix(self, recorder: _Recorder) -> None:
+        """Run the shared prefix once; keep its keys/values (and its activations for all/mean)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = [self.prefix]
+        recorder.batch = pad_batch(ids, [0], self.pad_id, "right")
+        recorder.record_prefix = True
+        try:
+            self._forward(recorder.batch, cache)
+        finally:
+            recorder.record_prefix = False
+        self._prefix_kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None)
+                           for layer in cache.layers]
+        self._prefix_rows = [rows.clone() for rows in recorder.rows]
+
+    def _prefix_cache_for(self, batch_rows: int):
+        from transformers import DynamicCache
+
+        data = [(None, None) if k is None else (k.expand(batch_rows, -1, -1, -1), v.expand(batch_rows, -1, -1, -1))
+                for k, v in self._prefix_kv]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    def _run_batch(self, recorder: _Recorder, stats: NeuronStats, sequences, labels, use_prefix: bool) -> None:
+        cache = None
+        offset = 0
+        if use_prefix:
+            if self._prefix_kv is None:
+                self._prepare_prefix(recorder)
+            offset = len(self.prefix)
+            cache = self._prefix_cache_for(len(sequences))
+        batch = pad_batch(sequences, labels, self.pad_id, self.padding_side, position_offset=offset)
+        if use_prefix:
+            prefix_mask = torch.ones(len(sequences), offset, dtype=batch.attention_mask.dtype)
+            full_mask = torch.cat([prefix_mask, batch.attention_mask], dim=1)
+        else:
+            full_mask = batch.attention_mask
+        recorder.batch = batch
+        recorder.prefix_length = offset if self.position == "mean" else 0
+        recorder.prefix_sums = ([rows.sum(0) for rows in self._prefix_rows]
+                                if use_prefix and self.position == "mean" else None)
+        self._forward(Batch(batch.input_ids, full_mask, batch.position_ids, batch.labels, batch.lengths,
+                            batch.padding_side), cache)
+        row_labels = batch.labels
+        if self.position == "all":
+            row_labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
+        stats.update(recorder.rows, row_labels)
+        if use_prefix and self.position == "all":
+            self._fold_prefix_tokens(stats, batch.labels)
+
+    def _fold_prefix_tokens(self, stats: NeuronStats, labels: torch.Tensor) -> None:
+        """Each prompt also contains the prefix tokens: fold them in once per row of each group."""
+        prefix = torch.stack([rows.to(stats.device) for rows in self._prefix_rows])  # [L, P, d]
+        zeros = torch.zeros(prefix.shape[1], dtype=torch.long, device=stats.device)
+        _, prefix_mean, prefix_m2 = batch_moments(prefix, zeros, 1)
+        per_group = torch.bincount(labels, minlength=stats.n_groups).to(stats.device, torch.float64)
+        stats.merge_moments(per_group * prefix.shape[1], prefix_mean.expand(-1, stats.n_groups, -1),
+                            prefix_m2 * per_group[None, :, None])
+
+
+def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
+    """Sorted unique layer indices, each checked against the model's layer count."""
+    checked = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise CNAError(f"layer index {layer!r} is out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        checked.add(layer)
+    return sorted(checked)
+
+
+def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *,
+                     layers: Sequence[int] | None = None, position: str = "last",
+                     chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
+                     prefix_cache: bool = True, progress: bool = True) -> NeuronStats:
+    """Statistics of positive (group 1) and negative (group 0) prompts in one stream of mixed batches."""
+    capturer = Capturer(model, tokenizer, layers=layers, position=position, chat_template=chat_template,
+                        batch_size=batch_size, padding_side=padding_side, prefix_cache=prefix_cache,
+                        progress=progress)
+    total = None
+    if hasattr(positive, "__len__") and hasattr(negative, "__len__"):
+        total = len(positive) + len(negative)
+    labeled = itertools.chain(((prompt, POSITIVE) for prompt in positive), ((prompt, NEGATIVE) for prompt in negative))
+    stats = capturer.run(labeled, n_groups=2, total=total)
+    for side, name in ((POSITIVE, "positive"), (NEGATIVE, "negative")):
+        if stats.count[side] == 0:
+            raise CNAError(f"the {name} prompt set is empty: give at least one {name} prompt")
+    return stats

@@ -1,0 +1,140 @@
+"""The Circuit: the selected neurons, their scores and statistics, and where they came from."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._io import atomic_path, write_text_atomic
+from .errors import CircuitMismatchError, CNAError
+
+_FORMAT = "cna_fast.circuit/1"
+_PER_NEURON = ("scores", "deltas", "mean_positive", "mean_negative", "std_positive", "std_negative")
+
+
+@dataclass
+class Circuit:
+    """Neurons `(layers[i], neurons[i])`, ranked by |score|, with per-neuron statistics.
+
+    deltas: mean(positive) - mean(negative); scores: the ranking score (delta, Welch t or Cohen's d).
+    meta: model name, architecture fingerprint, scoring settings, prompt counts.
+    """
+
+    layers: torch.Tensor
+    neurons: torch.Tensor
+    scores: torch.Tensor
+    deltas: torch.Tensor
+    mean_positive: torch.Tensor
+    mean_negative: torch.Tensor
+    std_positive: torch.Tensor
+    std_negative: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = torch.as_tensor(self.layers, dtype=torch.int64).cpu()
+        self.neurons = torch.as_tensor(self.neurons, dtype=torch.int64).cpu()
+        size = self.layers.numel()
+        for name in _PER_NEURON:
+            value = torch.as_tensor(getattr(self, name), dtype=torch.float64).cpu()
+            if value.shape != (size,):
+                raise CNAError(f"circuit field {name} has shape {list(value.shape)}, expected [{size}]")
+            setattr(self, name, value)
+        if self.neurons.shape != (size,):
+            raise CNAError(f"circuit has {size} layer entries but {self.neurons.numel()} neuron entries")
+
+    def __len__(self) -> int:
+        return self.layers.numel()
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self.meta.get("fingerprint", {}))
+
+    def by_layer(self) -> dict[int, torch.Tensor]:
+        """Sorted neuron indices of each layer that has any."""
+        return {int(layer): torch.sort(self.neurons[self.layers == layer]).values
+                for layer in torch.unique(self.layers).tolist()}
+
+    def validate(self, model) -> None:
+        """Raise CircuitMismatchError unless this circuit fits `model`'s layers and widths."""
+        from .models import get_adapter
+
+        self.check_fits(get_adapter(model).fingerprint())
+
+    def check_fits(self, fingerprint: dict[str, Any]) -> None:
+        """Raise CircuitMismatchError unless this circuit fits a model with `fingerprint`."""
+        mine = self.fingerprint
+        num_layers = int(fingerprint["num_layers"])
+        widths = fingerprint["d_ff"] if isinstance(fingerprint["d_ff"], list) else [fingerprint["d_ff"]] * num_layers
+        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != fingerprint["d_ff"]):
+            raise CircuitMismatchError(
+                f"circuit was found on a model with {mine.get('num_layers')} layers x {mine.get('d_ff')} neurons "
+                f"({mine.get('model_type')}), but this model has {num_layers} layers x {fingerprint['d_ff']} "
+                f"neurons ({fingerprint.get('model_type')}): discover a circuit on this model"
+            )
+        for layer, neuron in zip(self.layers.tolist(), self.neurons.tolist()):
+            if not 0 <= layer < num_layers or not 0 <= neuron < widths[layer]:
+                raise CircuitMismatchError(
+                    f"circuit neuron (layer {layer}, index {neuron}) does not exist in this model "
+                    f"({num_layers} layers x {fingerprint['d_ff']} neurons)"
+                )
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per neuron, in rank order."""
+        columns = {name: getattr(self, name).tolist() for name in _PER_NEURON}
+        return [
+            {"rank": i + 1, "layer": layer, "neuron": neuron,
+             **{name: _finite_or_none(columns[name][i]) for name in _PER_NEURON}}
+            for i, (layer, neuron) in enumerate(zip(self.layers.tolist(), self.neurons.tolist()))
+        ]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as safetensors (tensors + JSON metadata), atomically."""
+        tensors = {"layers": self.layers.contiguous(), "neurons": self.neurons.contiguous()}
+        tensors.update({name: getattr(self, name).contiguous() for name in _PER_NEURON})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "meta": json.dumps(self.meta, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Circuit":
+        """Read a circuit written by `save`."""
+        if not os.path.isfile(path):
+            raise CNAError(f"circuit file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # safetensors raises its own error types for corrupt files
+            raise CNAError(f"cannot read circuit file {str(path)!r}: {error}") from error
+        if header.get("format") != _FORMAT:
+            raise CNAError(f"{str(path)!r} is not a cna_fast circuit file (no {_FORMAT} header)")
+        return cls(meta=json.loads(header.get("meta", "{}")), **tensors)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """Metadata and neurons as JSON text; also written to `path` if given."""
+        text = json.dumps({"meta": self.meta, "neurons": self.records()}, indent=2, sort_keys=False)
+        if path is not None:
+            write_text_atomic(path, text + "\n")
+        return text
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """One row per neuron as CSV text; also written to `path` if given."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["rank", "layer", "neuron", *_PER_NEURON], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.records())
+        text = buffer.getvalue()
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

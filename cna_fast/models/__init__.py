@@ -1,0 +1,15 @@
+"""Model loading and architecture adapters."""
+from .adapters import ARCHITECTURES, ArchSpec, ModelAdapter, get_adapter
+from .loading import DEFAULT_MODEL_NAME, cache_dir, default_model_dir, load_model, model_name
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "DEFAULT_MODEL_NAME",
+    "ModelAdapter",
+    "cache_dir",
+    "default_model_dir",
+    "get_adapter",
+    "load_model",
+    "model_name",
+]

@@ -1,0 +1,140 @@
+"""Architecture adapters: where each layer's MLP neurons live.
+
+A neuron is one coordinate of the input to the MLP's down projection (DESIGN.md): `act(gate) * up`
+in gated MLPs, `act(fc_in(x))` in plain ones. Every adapter therefore names the down projection;
+its input is captured with a forward pre-hook, which works the same for `nn.Linear`, GPT-2's
+`Conv1D` and bitsandbytes' quantized linears (their input stays in the compute dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths for one architecture family.
+
+    layers: dotted path from the causal-LM module to the list of decoder blocks.
+    down: dotted path from a block to the down projection; its input is the neuron site.
+    up: the up projection (gated MLPs), the fused gate+up projection (`fused_gate_up`), or the
+        plain MLP's input projection.
+    gate: the gate projection of gated MLPs with separate gate and up.
+    """
+
+    layers: str
+    down: str
+    up: str
+    gate: str | None = None
+    fused_gate_up: bool = False
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.fused_gate_up
+
+
+_GATED = ArchSpec(layers="model.layers", down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3_text": _GATED,
+    "olmo2": _GATED,
+    "phi3": ArchSpec(layers="model.layers", down="mlp.down_proj", up="mlp.gate_up_proj", fused_gate_up=True),
+    "phi": ArchSpec(layers="model.layers", down="mlp.fc2", up="mlp.fc1"),
+    "gpt2": ArchSpec(layers="transformer.h", down="mlp.c_proj", up="mlp.c_fc"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", down="mlp.dense_4h_to_h", up="mlp.dense_h_to_4h"),
+}
+
+_ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+
+
+def _in_features(module: nn.Module) -> int:
+    """Input width of a linear-like module: nn.Linear, bitsandbytes linears, GPT-2 Conv1D."""
+    width = getattr(module, "in_features", None)
+    if width is None:
+        width = getattr(module, "nx", None)  # transformers' Conv1D stores its input width as nx
+    if width is None:
+        raise UnsupportedArchitectureError(
+            f"cannot read the input width of {type(module).__name__}; expected a Linear or Conv1D"
+        )
+    return int(width)
+
+
+class ModelAdapter:
+    """Finds the decoder blocks and the neuron site of each block's MLP in a causal LM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        spec = ARCHITECTURES.get(model_type)
+        if spec is None:
+            raise UnsupportedArchitectureError(
+                f"architecture {model_type!r} is not supported; supported model types: "
+                f"{', '.join(sorted(ARCHITECTURES))}"
+            )
+        self.model = model
+        self.model_type: str = model_type
+        self.spec = spec
+        self.blocks: nn.ModuleList = model.get_submodule(spec.layers)
+        self.down_projs: list[nn.Module] = [block.get_submodule(spec.down) for block in self.blocks]
+        self.widths: list[int] = [_in_features(down) for down in self.down_projs]
+        self.activation: str = next(
+            (str(getattr(config, key)) for key in _ACTIVATION_KEYS if getattr(config, key, None)), "unknown"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_neurons(self) -> int:
+        """All MLP neurons of all layers together."""
+        return sum(self.widths)
+
+    @property
+    def d_ff(self) -> int:
+        """Neurons per layer; raises if layers differ in width."""
+        if len(set(self.widths)) != 1:
+            raise UnsupportedArchitectureError(f"layers have different MLP widths: {sorted(set(self.widths))}")
+        return self.widths[0]
+
+    @property
+    def body(self) -> nn.Module:
+        """The transformer without its LM head: attribution never needs logits."""
+        return self.model.base_model
+
+    def neuron_site(self, layer: int) -> nn.Module:
+        """The module whose input holds layer `layer`'s neurons (the down projection)."""
+        return self.down_projs[layer]
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Device that holds layer `layer`'s MLP (differs per layer under a device_map)."""
+        return next(self.down_projs[layer].parameters()).device
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a circuit must agree with to be applied to this model."""
+        uniform = len(set(self.widths)) == 1
+        return {
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "d_ff": self.widths[0] if uniform else list(self.widths),
+        }
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Adapter for `model`, built once and cached on the model object."""
+    adapter = getattr(model, "_cna_fast_adapter", None)
+    if adapter is None:
+        adapter = ModelAdapter(model)
+        object.__setattr__(model, "_cna_fast_adapter", adapter)
+    return adapter

@@ -1,0 +1,164 @@
+"""Streaming per-neuron moments for groups of prompts (the two sides of a contrast, or more).
+
+Per layer, group and neuron: count, mean and M2 (sum of squared deviations from the mean). A batch
+is reduced exactly in float64 (two passes over the batch), then folded into the running moments
+with Chan's parallel formula. The same formula merges statistics computed by other processes or
+machines, so results do not depend on how the prompt stream was split. Memory is
+O(layers x groups x d_ff) whatever the number of prompts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ._io import atomic_path
+from .errors import CNAError
+
+NEGATIVE, POSITIVE, SKIP = 0, 1, -1
+_FORMAT = "cna_fast.stats/1"
+_UPDATE_ELEMENTS = 1 << 22  # activations reduced in one float64 step (32 MiB)
+
+
+class NeuronStats:
+    """Count, mean and M2 per (layer, group, neuron), accumulated in float64.
+
+    layers: the model layer index behind each row of `mean` and `m2`.
+    count: [groups] rows seen per group (identical for every layer).
+    mean, m2: [len(layers), groups, width].
+    meta: free-form provenance (model fingerprint, capture settings).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        width: int,
+        n_groups: int = 2,
+        *,
+        device: torch.device | str = "cpu",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if n_groups < 1 or width < 1 or len(layers) < 1:
+            raise CNAError(f"statistics need at least one layer, group and neuron; got {len(layers)}, {n_groups}, {width}")
+        self.layers = [int(layer) for layer in layers]
+        self.width = int(width)
+        self.n_groups = int(n_groups)
+        self.count = torch.zeros(n_groups, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(len(self.layers), n_groups, width, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros_like(self.mean)
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def merge_moments(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Fold in moments of other rows: count [G], mean and m2 [L, G, width] (Chan et al.)."""
+        count = count.to(self.device, torch.float64)
+        self._merge_layers(slice(None), count, mean, m2)
+        self.count = self.count + count
+
+    def _merge_layers(self, layers: slice, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Chan merge into the layer rows `layers`; leaves `self.count` to the caller."""
+        mean = mean.to(self.device, torch.float64)
+        m2 = m2.to(self.device, torch.float64)
+        total = (self.count + count).clamp_min(1.0)
+        delta = mean - self.mean[layers]
+        self.mean[layers] += delta * (count / total)[None, :, None]
+        self.m2[layers] += m2 + delta.square() * (self.count * count / total)[None, :, None]
+
+    def update(self, rows: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+        """Fold in sample rows with group `labels` [R]; -1 skips a row.
+
+        rows: [L, R, width], or a sequence of L tensors [R, width], one per tracked layer. Layers
+        are reduced a few at a time so that the float64 copy stays small.
+        """
+        if len(rows) != len(self.layers) or any(r.dim() != 2 or r.shape[1] != self.width for r in rows):
+            shapes = [list(r.shape) for r in rows]
+            raise ValueError(f"rows must be {len(self.layers)} x [R, {self.width}], got {shapes}")
+        labels = labels.to(self.device)
+        keep = labels >= 0
+        labels = labels[keep]
+        if labels.numel() == 0:
+            return
+        step = max(1, _UPDATE_ELEMENTS // max(rows[0].numel(), 1))
+        count = None
+        for start in range(0, len(self.layers), step):
+            part = torch.stack([r.to(self.device)[keep] for r in rows[start:start + step]])
+            count, mean, m2 = batch_moments(part, labels, self.n_groups)
+            self._merge_layers(slice(start, start + step), count, mean, m2)
+        self.count = self.count + count
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Fold `other` into these statistics in place and return self."""
+        if (other.layers, other.width, other.n_groups) != (self.layers, self.width, self.n_groups):
+            raise CNAError(
+                "cannot merge statistics of different shapes: "
+                f"layers {other.layers} vs {self.layers}, width {other.width} vs {self.width}, "
+                f"groups {other.n_groups} vs {self.n_groups}"
+            )
+        self.merge_moments(other.count, other.mean, other.m2)
+        return self
+
+    def variance(self, ddof: int = 1) -> torch.Tensor:
+        """Per-neuron variance [L, G, width]; NaN where a group has `ddof` rows or fewer."""
+        denominator = (self.count - ddof)[None, :, None]
+        return torch.where(denominator > 0, self.m2 / denominator.clamp_min(1), torch.nan)
+
+    def std(self, ddof: int = 1) -> torch.Tensor:
+        return self.variance(ddof).sqrt()
+
+    def layer_row(self, layer: int) -> int:
+        """Row of `mean`/`m2` that holds model layer `layer`."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise CNAError(f"layer {layer} was not captured; captured layers: {self.layers}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics as safetensors, atomically."""
+        tensors = {
+            "count": self.count.cpu().contiguous(),
+            "mean": self.mean.cpu().contiguous(),
+            "m2": self.m2.cpu().contiguous(),
+            "layers": torch.tensor(self.layers, dtype=torch.int64),
+        }
+        header = {"format": _FORMAT, "meta": json.dumps(self.meta, sort_keys=True)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "NeuronStats":
+        """Read statistics written by `save`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (OSError, ValueError) as error:
+            raise CNAError(f"cannot read statistics file {str(path)!r}: {error}") from error
+        if header.get("format") != _FORMAT:
+            raise CNAError(f"{str(path)!r} is not a cna_fast statistics file")
+        layers = tensors["layers"].tolist()
+        stats = cls(layers, tensors["mean"].shape[2], tensors["mean"].shape[1], device=device,
+                    meta=json.loads(header.get("meta", "{}")))
+        stats.count = tensors["count"].to(device)
+        stats.mean = tensors["mean"].to(device)
+        stats.m2 = tensors["m2"].to(device)
+        return stats
+
+
+def batch_moments(rows: torch.Tensor, labels: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, ...]:
+    """Exact float64 count [G], mean and M2 [L, G, width] of `rows` [L, R, width] grouped by `labels` [R]."""
+    values = rows.to(torch.float64)
+    onehot = torch.nn.functional.one_hot(labels, n_groups).to(torch.float64)  # [R, G]
+    count = onehot.sum(0)
+    sums = torch.matmul(onehot.T, values)  # [L, G, width]
+    mean = sums / count.clamp_min(1.0)[None, :, None]
+    centered = values - mean[:, labels, :]
+    m2 = torch.matmul(onehot.T, centered.square_())
+    return count, mean, m2
