@@ -84,12 +84,11 @@ def default_model_dir() -> Path:
     return target
 
 
-def _resolve_attn_implementation(requested: str | None) -> str:
-    if requested in (None, "flash_attention_2"):
-        if requested is None:
-            return "sdpa"
-        if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
-            return requested
+def _resolve_attn_implementation(requested: str | None) -> str | None:
+    """None lets transformers choose (sdpa where the architecture has it); flash-attn falls back to sdpa."""
+    if requested == "flash_attention_2" and not (
+        importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    ):
         logger.warning(
             "flash_attention_2 needs the flash-attn package and a CUDA GPU (pip install 'cna_fast[flash]'); "
             "falling back to attn_implementation='sdpa'"
@@ -143,7 +142,8 @@ def load_model(
     dtype: compute dtype; None picks bfloat16 with CUDA and float32 without.
     device_map: passed to transformers (e.g. "auto" to shard across GPUs).
     quantization: "8bit", "4bit" (nf4) or "fp4" through bitsandbytes.
-    attn_implementation: None for sdpa; "flash_attention_2" falls back to sdpa when unavailable.
+    attn_implementation: None lets transformers choose (sdpa where supported); "flash_attention_2" falls
+        back to sdpa, with a warning, when flash-attn or CUDA is missing.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,7 +157,10 @@ def load_model(
             )
         source = os.path.expanduser(source)
     compute_dtype = _resolve_dtype(dtype)
-    kwargs = dict(dtype=compute_dtype, attn_implementation=_resolve_attn_implementation(attn_implementation))
+    kwargs: dict = dict(dtype=compute_dtype)
+    attention = _resolve_attn_implementation(attn_implementation)
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if device_map is not None:
         kwargs["device_map"] = device_map
     quantization_config = _quantization_config(quantization, compute_dtype)
