@@ -86,6 +86,38 @@ class Circuit:
                     f"({num_layers} layers x {fingerprint['d_ff']} neurons)"
                 )
 
+    def layer_counts(self) -> list[int]:
+        """Number of circuit neurons in each layer of the model (index = layer)."""
+        num_layers = int(self.fingerprint.get("num_layers", int(self.layers.max()) + 1 if len(self) else 0))
+        return torch.bincount(self.layers, minlength=num_layers).tolist()
+
+    def summary(self, top: int = 10) -> str:
+        """A human-readable report: provenance, neurons per layer, the top neurons."""
+        meta, fingerprint = self.meta, self.fingerprint
+        lines = [
+            f"circuit: {len(self)} neurons of {meta.get('model', '?')} "
+            f"({fingerprint.get('model_type', '?')}, {fingerprint.get('num_layers', '?')} layers x "
+            f"{fingerprint.get('d_ff', '?')} neurons)",
+            f"score: {meta.get('score', '?')}   position: {meta.get('position', '?')}   "
+            f"prompts: {meta.get('n_positive', '?')} positive / {meta.get('n_negative', '?')} negative   "
+            f"excluded layers: {meta.get('exclude_layers') or 'none'}   "
+            f"universal neurons removed: {meta.get('universal_removed', 0)}",
+            "",
+            "neurons per layer:",
+        ]
+        counts = self.layer_counts()
+        widest = max(counts, default=0) or 1
+        for layer, count in enumerate(counts):
+            if count:
+                lines.append(f"  layer {layer:3d} {count:4d} {'#' * max(1, round(30 * count / widest))}")
+        lines += ["", f"top {min(top, len(self))} neurons (of {len(self)}):",
+                  f"  {'rank':>4} {'layer':>5} {'neuron':>6} {'score':>10} {'delta':>10} {'mean+':>10} {'mean-':>10}"]
+        for record in self.records()[:top]:
+            lines.append(f"  {record['rank']:4d} {record['layer']:5d} {record['neuron']:6d} "
+                         f"{record['scores']:10.4f} {record['deltas']:10.4f} "
+                         f"{record['mean_positive']:10.4f} {record['mean_negative']:10.4f}")
+        return "\n".join(lines)
+
     def records(self) -> list[dict[str, Any]]:
         """One dict per neuron, in rank order."""
         columns = {name: getattr(self, name).tolist() for name in _PER_NEURON}

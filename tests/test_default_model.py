@@ -1,0 +1,29 @@
+"""Integration tests on the embedded default model (SmolLM2-135M-Instruct)."""
+import torch
+
+import cna_fast
+from cna_fast.prompts import bundled_prompts
+from tests.naive_reference import naive_discover
+
+
+def test_default_model_loads_with_expected_architecture(default_model):
+    model, tokenizer = default_model
+    adapter = cna_fast.get_adapter(model)
+    assert adapter.fingerprint() == {"model_type": "llama", "num_layers": 30, "d_ff": 1536}
+    assert adapter.num_neurons == 46_080
+    assert tokenizer.chat_template and tokenizer.pad_token_id is not None
+
+
+def test_discovery_matches_naive_reference(default_model):
+    """Batched, prefix-cached, early-stopped discovery equals one-prompt-at-a-time full forwards."""
+    model, tokenizer = default_model
+    positive = bundled_prompts("french_questions")[:24]
+    negative = bundled_prompts("english_questions")[:24]
+    circuit = cna_fast.discover(model, tokenizer, positive, negative, batch_size=8, progress=False)
+    assert len(circuit) == 46  # 0.1% of 46,080 neurons
+    expected, delta = naive_discover(model, tokenizer, positive, negative, top_k=len(circuit))
+    found = list(zip(circuit.layers.tolist(), circuit.neurons.tolist()))
+    assert set(found) == set(expected)
+    naive_deltas = delta[circuit.layers, circuit.neurons]
+    assert torch.allclose(circuit.deltas, naive_deltas, atol=1e-4, rtol=0)
+    assert torch.equal(circuit.scores, circuit.deltas)
