@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import numbers
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable, Sequence
@@ -59,8 +60,9 @@ def resolve_top_k(top_k: int | None, top_frac: float | None, total_neurons: int,
         if not 0.0 < frac <= 1.0:
             raise CNAError(f"top_frac must be in (0, 1], got {top_frac}: 0.001 selects the top 0.1%")
         top_k = max(1, round(frac * total_neurons))
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
         raise CNAError(f"top_k must be a positive integer, got {top_k!r}")
+    top_k = int(top_k)
     if top_k > eligible:
         raise CNAError(f"top_k={top_k} is more than the {eligible} neurons that can be selected "
                        f"(the model has {total_neurons} MLP neurons); choose a smaller top_k")

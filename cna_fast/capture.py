@@ -120,13 +120,31 @@ class _Recorder:
         self.prefix_sums: list[torch.Tensor] | None = None  # "mean" with a shared prefix
         self.prefix_length = 0
         self.record_prefix = False
+        self.sliced = False  # the last layer's MLP already ran on last-token rows only
         self._handles = []
 
     def __enter__(self) -> "_Recorder":
         for slot, layer in enumerate(self.layers):
             hook = self._make_hook(slot, stop=layer == self.last_layer)
             self._handles.append(self.adapter.neuron_site(layer).register_forward_pre_hook(hook))
+        if self.position == "last":
+            mlp = self.adapter.mlp(self.last_layer)
+            self._handles.append(mlp.register_forward_pre_hook(self._keep_last_tokens))
         return self
+
+    def _keep_last_tokens(self, module, args):
+        """In the last layer only the last token's neurons are needed: run its MLP on those rows alone."""
+        if self.record_prefix or not args or args[0].dim() != 3:
+            return None
+        hidden = args[0]
+        self.sliced = True
+        return (self._last_token_rows(hidden)[:, None], *args[1:])
+
+    def _last_token_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.batch.padding_side == "left":
+            return hidden[:, -1]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, self.batch.lengths.to(hidden.device) - 1]
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -147,10 +165,10 @@ class _Recorder:
             return hidden[0]
         batch = self.batch
         if self.position == "last":
-            if batch.padding_side == "left":
-                return hidden[:, -1]
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return hidden[rows, batch.lengths.to(hidden.device) - 1]
+            if self.sliced:
+                self.sliced = False
+                return hidden[:, 0]
+            return self._last_token_rows(hidden)
         mask = batch.attention_mask.to(hidden.device, hidden.dtype)
         if self.position == "all":
             return hidden[mask.bool()]
@@ -167,11 +185,11 @@ def _windows(labeled: Iterable[tuple[str, int]], size: int) -> Iterator[list[tup
         yield window
 
 
-def _check_prompt(prompt: object, number: int) -> str:
+def _check_prompt(prompt: object, number: int, where: str = "") -> str:
     if not isinstance(prompt, str):
-        raise CNAError(f"prompt {number} is a {type(prompt).__name__}, not a string")
+        raise CNAError(f"{where}prompt {number} is a {type(prompt).__name__}, not a string")
     if not prompt.strip():
-        raise CNAError(f"prompt {number} is empty: remove empty prompts from the set")
+        raise CNAError(f"{where}prompt {number} is empty: remove empty prompts from the set")
     return prompt
 
 
@@ -187,8 +205,8 @@ class Capturer:
         self.position = validate_position(position)
         if padding_side not in PADDING_SIDES:
             raise CNAError(f"unknown padding side {padding_side!r}: choose left or right")
-        if batch_size < 1:
-            raise CNAError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.layers = validate_layers(layers if layers is not None else range(self.adapter.num_layers),
                                       self.adapter.num_layers)
         if not self.layers:
@@ -285,7 +303,10 @@ class Capturer:
                 self._prepare_prefix(recorder)
             offset = len(self.prefix)
             cache = self._prefix_cache_for(len(sequences))
-        batch = pad_batch(sequences, labels, self.pad_id, self.padding_side, position_offset=offset)
+        # Prefixed batches are right-padded so prefix and prompt stay contiguous: sliding-window
+        # attention measures distance in cache slots, and pads in between would push the prefix out.
+        side = "right" if use_prefix else self.padding_side
+        batch = pad_batch(sequences, labels, self.pad_id, side, position_offset=offset)
         if use_prefix:
             prefix_mask = torch.ones(len(sequences), offset, dtype=batch.attention_mask.dtype)
             full_mask = torch.cat([prefix_mask, batch.attention_mask], dim=1)
@@ -335,7 +356,10 @@ def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterab
     total = None
     if hasattr(positive, "__len__") and hasattr(negative, "__len__"):
         total = len(positive) + len(negative)
-    labeled = itertools.chain(((prompt, POSITIVE) for prompt in positive), ((prompt, NEGATIVE) for prompt in negative))
+    labeled = itertools.chain(
+        ((_check_prompt(prompt, number, "positive "), POSITIVE) for number, prompt in enumerate(positive, 1)),
+        ((_check_prompt(prompt, number, "negative "), NEGATIVE) for number, prompt in enumerate(negative, 1)),
+    )
     stats = capturer.run(labeled, n_groups=2, total=total)
     for side, name in ((POSITIVE, "positive"), (NEGATIVE, "negative")):
         if stats.count[side] == 0:

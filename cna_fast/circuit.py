@@ -113,9 +113,8 @@ class Circuit:
         lines += ["", f"top {min(top, len(self))} neurons (of {len(self)}):",
                   f"  {'rank':>4} {'layer':>5} {'neuron':>6} {'score':>10} {'delta':>10} {'mean+':>10} {'mean-':>10}"]
         for record in self.records()[:top]:
-            lines.append(f"  {record['rank']:4d} {record['layer']:5d} {record['neuron']:6d} "
-                         f"{record['scores']:10.4f} {record['deltas']:10.4f} "
-                         f"{record['mean_positive']:10.4f} {record['mean_negative']:10.4f}")
+            values = " ".join(_number(record[name]) for name in ("scores", "deltas", "mean_positive", "mean_negative"))
+            lines.append(f"  {record['rank']:4d} {record['layer']:5d} {record['neuron']:6d} {values}")
         return "\n".join(lines)
 
     def records(self) -> list[dict[str, Any]]:
@@ -166,6 +165,10 @@ class Circuit:
         if path is not None:
             write_text_atomic(path, text)
         return text
+
+
+def _number(value: float | None) -> str:
+    return f"{value:10.4f}" if value is not None else f"{'nan':>10}"
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -80,6 +80,8 @@ class NeuronStats:
             shapes = [list(r.shape) for r in rows]
             raise ValueError(f"rows must be {len(self.layers)} x [R, {self.width}], got {shapes}")
         labels = labels.to(self.device)
+        if labels.numel() and int(labels.max()) >= self.n_groups:
+            raise CNAError(f"group label {int(labels.max())} is outside 0..{self.n_groups - 1}")
         keep = labels >= 0
         labels = labels[keep]
         if labels.numel() == 0:
@@ -139,7 +141,7 @@ class NeuronStats:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
             tensors = load_file(str(path))
-        except (OSError, ValueError) as error:
+        except Exception as error:  # safetensors raises its own error type for corrupt files
             raise CNAError(f"cannot read statistics file {str(path)!r}: {error}") from error
         if header.get("format") != _FORMAT:
             raise CNAError(f"{str(path)!r} is not a cna_fast statistics file")

@@ -44,18 +44,30 @@ CONTRAST_NEGATIVE = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny matrices: one intra-op thread is fastest, and avoids stalls when the CPUs are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+# The config key each transformers MLP reads its activation from (Gemma 2/3: hidden_activation, GPT-2:
+# activation_function, the rest: hidden_act).
+_ACTIVATION_KEY = {"gemma2": "hidden_activation", "gemma3_text": "hidden_activation", "gpt2": "activation_function"}
+
+
 def config_activation(config) -> str:
-    """The activation name the config asks for (each family uses one of these keys)."""
-    for key in ("hidden_activation", "hidden_act", "activation_function"):
-        value = getattr(config, key, None)
-        if value:
-            return str(value)
-    raise AssertionError(f"config of {config.model_type} names no activation")
+    """The activation name this family's MLP uses."""
+    value = getattr(config, _ACTIVATION_KEY.get(config.model_type, "hidden_act"))
+    assert value, f"config of {config.model_type} names no activation"
+    return str(value)
 
 
 def apply_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -68,20 +80,25 @@ def apply_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if module.bias is None else out + module.bias
 
 
+def mlp_part(model: nn.Module, layer: int, name: str) -> nn.Module:
+    """Submodule `name` of layer `layer`'s MLP, found through the independent layout table."""
+    blocks_path, mlp_name, _, _ = _LAYOUT[model.config.model_type]
+    return getattr(getattr(model.get_submodule(blocks_path)[layer], mlp_name), name)
+
+
 def hand_neurons(model: nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
     """The neurons of `layer` for MLP input `x`, computed by hand: act(gate x) * up x, or act(fc_in x)."""
-    blocks_path, mlp_name, kind, names = _LAYOUT[model.config.model_type]
-    mlp = getattr(model.get_submodule(blocks_path)[layer], mlp_name)
+    _, _, kind, names = _LAYOUT[model.config.model_type]
     act = ACT2FN[config_activation(model.config)]
     if kind == "gated":
-        gate, up = getattr(mlp, names[0]), getattr(mlp, names[1])
+        gate, up = mlp_part(model, layer, names[0]), mlp_part(model, layer, names[1])
         return act(apply_projection(gate, x)) * apply_projection(up, x)
     if kind == "fused":
-        # transformers' Phi3MLP: gate, up_states = gate_up_proj(x).chunk(2, dim=-1)
-        fused = apply_projection(getattr(mlp, names[0]), x)
-        gate, up = fused[..., : fused.shape[-1] // 2], fused[..., fused.shape[-1] // 2:]
-        return act(gate) * up
-    return act(apply_projection(getattr(mlp, names[0]), x))
+        # transformers' Phi3MLP: gate, up_states = gate_up_proj(x).chunk(2, dim=-1): gate is the first half
+        fused = apply_projection(mlp_part(model, layer, names[0]), x)
+        half = fused.shape[-1] // 2
+        return act(fused[..., :half]) * fused[..., half:]
+    return act(apply_projection(mlp_part(model, layer, names[0]), x))
 
 
 def site_input(model: nn.Module, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +126,7 @@ def test_arch_configs_cover_every_supported_architecture() -> None:
 def test_blocks_and_widths(model_type: str, vocab_size: int) -> None:
     model = build_tiny_model(model_type, vocab_size)
     adapter = get_adapter(model)
-    blocks_path, mlp_name, _, names = _LAYOUT[model_type]
+    blocks_path, _, _, names = _LAYOUT[model_type]
     blocks = model.get_submodule(blocks_path)
     assert adapter.num_layers == NUM_LAYERS == len(blocks)
     assert adapter.widths == [D_FF] * NUM_LAYERS
@@ -117,8 +134,7 @@ def test_blocks_and_widths(model_type: str, vocab_size: int) -> None:
     assert adapter.num_neurons == NUM_LAYERS * D_FF
     assert adapter.activation == config_activation(model.config)
     for layer in range(NUM_LAYERS):
-        down = getattr(getattr(blocks[layer], mlp_name), names[-1])
-        assert adapter.neuron_site(layer) is down
+        assert adapter.neuron_site(layer) is mlp_part(model, layer, names[-1])
         assert adapter.layer_device(layer) == torch.device("cpu")
     assert adapter.body is model.base_model
     assert get_adapter(model) is adapter  # cached on the model
@@ -135,8 +151,7 @@ def test_neuron_site_input_is_down_projection_input(model_type: str, vocab_size:
         seen, out = site_input(model, layer, x)
         with torch.no_grad():
             expected = hand_neurons(model, layer, x)
-            down = apply_projection(model.get_submodule(_LAYOUT[model_type][0])[layer].mlp.get_submodule(
-                _LAYOUT[model_type][3][-1]), expected)
+            down = apply_projection(mlp_part(model, layer, _LAYOUT[model_type][3][-1]), expected)
         assert seen.shape == (2, 7, D_FF)
         assert expected.abs().max() > 0.05, "test input too small to tell activations apart"
         torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)

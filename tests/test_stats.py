@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import cna_fast.stats as stats_module
+from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
 from cna_fast.stats import NeuronStats
 
@@ -174,7 +175,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_load_rejects_other_safetensors(tmp_path: Path) -> None:
-    """A valid safetensors file without the stats header is not statistics."""
+    """Valid safetensors files without the stats header (foreign, bare, a circuit) are not statistics."""
     path = tmp_path / "other.safetensors"
     save_file({"mean": torch.zeros(1, 2, 3, dtype=torch.float64)}, str(path), metadata={"format": "something/1"})
     with pytest.raises(CNAError):
@@ -183,6 +184,11 @@ def test_load_rejects_other_safetensors(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(2)}, str(bare))
     with pytest.raises(CNAError):
         NeuronStats.load(bare)
+    circuit_path = tmp_path / "circuit.safetensors"
+    Circuit(layers=[0], neurons=[1], scores=[1.0], deltas=[1.0], mean_positive=[1.0], mean_negative=[0.0],
+            std_positive=[1.0], std_negative=[1.0]).save(circuit_path)
+    with pytest.raises(CNAError):
+        NeuronStats.load(circuit_path)
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
@@ -190,8 +196,6 @@ def test_load_missing_file(tmp_path: Path) -> None:
         NeuronStats.load(tmp_path / "missing.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: stats.py load() catches only OSError/ValueError, "
-                                       "safetensors raises SafetensorError (an Exception) for corrupt files")
 @pytest.mark.parametrize("content", [b"", bytes(range(7, 71)), b"not a safetensors file at all"],
                          ids=["empty", "binary", "text"])
 def test_load_rejects_corrupt_file(tmp_path: Path, content: bytes) -> None:

@@ -117,6 +117,10 @@ class ModelAdapter:
         """The module whose input holds layer `layer`'s neurons (the down projection)."""
         return self.down_projs[layer]
 
+    def mlp(self, layer: int) -> nn.Module:
+        """The MLP block that contains layer `layer`'s down projection."""
+        return self.blocks[layer].get_submodule(self.spec.down.rsplit(".", 1)[0])
+
     def layer_device(self, layer: int) -> torch.device:
         """Device that holds layer `layer`'s MLP (differs per layer under a device_map)."""
         return next(self.down_projs[layer].parameters()).device

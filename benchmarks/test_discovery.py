@@ -1,0 +1,88 @@
+"""Discovery throughput on the embedded default model, 128 + 128 prompts.
+
+cna_fast.discover against (a) the naive reference (one prompt per full forward pass, pre-hooks)
+and (b) the floor: a bare batched forward of the model body on the same batches cna_fast builds,
+without hooks or statistics, once with the shared-prefix KV cache (what cna_fast does) and once
+on the full sequences.
+
+    python -m pytest benchmarks/test_discovery.py --benchmark-json=benchmarks/results/discovery.json
+"""
+import torch
+
+import cna_fast
+from cna_fast.capture import Capturer, encode_prompts, pad_batch
+from tests.naive_reference import naive_discover
+
+BATCH_SIZE = 32
+ROUNDS = 3
+
+
+def _record(benchmark, n_prompts: int) -> None:
+    benchmark.extra_info["prompts"] = n_prompts
+    benchmark.extra_info["prompts_per_s"] = n_prompts / benchmark.stats.stats.mean
+
+
+def test_cna_fast_discover(benchmark, default_model, contrast_prompts):
+    model, tokenizer = default_model
+    positive, negative = contrast_prompts
+    circuit = benchmark.pedantic(
+        lambda: cna_fast.discover(model, tokenizer, positive, negative, batch_size=BATCH_SIZE, progress=False),
+        rounds=ROUNDS, warmup_rounds=1,
+    )
+    assert len(circuit) == 46
+    _record(benchmark, len(positive) + len(negative))
+
+
+def test_naive_reference(benchmark, default_model, contrast_prompts):
+    model, tokenizer = default_model
+    positive, negative = contrast_prompts
+    benchmark.pedantic(lambda: naive_discover(model, tokenizer, positive, negative, top_k=46), rounds=2,
+                       warmup_rounds=0)
+    _record(benchmark, len(positive) + len(negative))
+
+
+def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
+    """The batches cna_fast runs (length-sorted), as model-body inputs, plus a prefix-cache maker."""
+    capturer = Capturer(model, tokenizer, batch_size=BATCH_SIZE, prefix_cache=use_prefix, progress=False)
+    encoded = encode_prompts(tokenizer, prompts)
+    batches = []
+    for sequences, labels, with_prefix in capturer._batches(encoded, [0] * len(encoded)):
+        offset = len(capturer.prefix) if with_prefix else 0
+        batch = pad_batch(sequences, labels, capturer.pad_id, "right", position_offset=offset)
+        mask = torch.cat([torch.ones(len(sequences), offset, dtype=torch.long), batch.attention_mask], dim=1)
+        batches.append((batch, mask, with_prefix))
+    return capturer, batches
+
+
+def _run_floor(model, capturer, batches) -> None:
+    body = model.base_model
+    with torch.inference_mode():
+        for batch, mask, with_prefix in batches:
+            cache = capturer._prefix_cache_for(batch.input_ids.shape[0]) if with_prefix else None
+            body(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                 past_key_values=cache, use_cache=cache is not None)
+
+
+def _prefix_kv(model, tokenizer, capturer) -> None:
+    """Compute the shared prefix's keys/values once, as cna_fast does, outside the timed region."""
+    from cna_fast.capture import _Recorder
+
+    with torch.inference_mode(), _Recorder(capturer.adapter, capturer.layers, "last") as recorder:
+        capturer._prepare_prefix(recorder)
+
+
+def test_floor_body_forward_prefix_cached(benchmark, default_model, contrast_prompts):
+    model, tokenizer = default_model
+    prompts = contrast_prompts[0] + contrast_prompts[1]
+    capturer, batches = _floor_batches(model, tokenizer, prompts, use_prefix=True)
+    _prefix_kv(model, tokenizer, capturer)
+    benchmark.pedantic(lambda: _run_floor(model, capturer, batches), rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, len(prompts))
+
+
+def test_floor_body_forward_full_sequences(benchmark, default_model, contrast_prompts):
+    model, tokenizer = default_model
+    prompts = contrast_prompts[0] + contrast_prompts[1]
+    capturer, batches = _floor_batches(model, tokenizer, prompts, use_prefix=False)
+    benchmark.pedantic(lambda: _run_floor(model, capturer, batches), rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, len(prompts))
