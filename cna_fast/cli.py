@@ -16,7 +16,7 @@ def _layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise CNAError(f"--exclude-layers takes comma-separated layer numbers like 0,1; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated layer numbers like 0,1; got {text!r}") from None
 
 
 def _check_output(path: str) -> None:
@@ -42,6 +42,8 @@ def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", choices=SCORES, default="diff",
                         help="mean difference (default), Welch t, or Cohen's d")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
     parser.add_argument("--universal-filter", action="store_true",
                         help="drop neurons that fire for everything (bundled diverse prompts)")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
@@ -85,7 +87,7 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
     for path in (getattr(args, "out", None), getattr(args, "json", None), getattr(args, "csv", None)):
         if path:
             _check_output(path)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=args.dtype)
     started = time.perf_counter()
     circuit = discover(
         model, tokenizer, positive, negative, top_k=args.top_k,

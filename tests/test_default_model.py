@@ -27,3 +27,18 @@ def test_discovery_matches_naive_reference(default_model):
     naive_deltas = delta[circuit.layers, circuit.neurons]
     assert torch.allclose(circuit.deltas, naive_deltas, atol=1e-4, rtol=0)
     assert torch.equal(circuit.scores, circuit.deltas)
+
+
+def test_cna_demo_finds_language_neurons(tmp_path, capsys):
+    """`cna demo` runs discovery on the bundled French/English questions and saves the circuit."""
+    from cna_fast.circuit import Circuit
+    from cna_fast.cli import main
+
+    out = tmp_path / "french.safetensors"
+    assert main(["demo", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "circuit: 46 neurons of SmolLM2-135M-Instruct" in text
+    circuit = Circuit.load(out)
+    assert circuit.meta["n_positive"] == 160 and circuit.meta["n_negative"] == 160
+    # French and English questions separate strongly: the top neuron's means are far apart.
+    assert abs(float(circuit.deltas[0])) > 2 * float(max(circuit.std_positive[0], circuit.std_negative[0]))
