@@ -11,11 +11,17 @@ from cna_fast.prompts import bundled_prompts  # noqa: E402
 N_PER_SIDE = 128
 
 
-@pytest.fixture(scope="session")
-def default_model():
+_MODELS: dict = {}
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def default_model(request):
+    """The embedded default model in float32 (the default) and bfloat16 (fast on CPUs with AMX)."""
     from cna_fast import load_model
 
-    return load_model()
+    if request.param not in _MODELS:
+        _MODELS[request.param] = load_model(dtype=request.param)
+    return _MODELS[request.param]
 
 
 @pytest.fixture(scope="session")

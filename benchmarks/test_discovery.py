@@ -19,6 +19,7 @@ ROUNDS = 3
 
 def _record(benchmark, n_prompts: int) -> None:
     benchmark.extra_info["prompts"] = n_prompts
+    benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.extra_info["prompts_per_s"] = n_prompts / benchmark.stats.stats.mean
 
 

@@ -1,0 +1,93 @@
+"""Render pytest-benchmark JSON results as the README's performance table.
+
+    python -m pytest benchmarks/test_discovery.py --benchmark-json=benchmarks/results/discovery.json
+    python -m pytest benchmarks/test_memory.py --benchmark-json=benchmarks/results/memory.json
+    python -m benchmarks.report benchmarks/results/*.json --write-readme
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+MARKERS = ("<!-- perf-table -->", "<!-- /perf-table -->")
+SPEEDUP_TARGET = 6.0
+OVERHEAD_TARGET = 0.10
+MEMORY_TARGET_MB = 50.0
+
+
+def _load(paths: list[Path]) -> tuple[dict[str, dict], dict]:
+    results, machine = {}, {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        machine = data.get("machine_info", machine)
+        for bench in data["benchmarks"]:
+            results[bench["name"]] = {"mean_s": bench["stats"]["mean"], **bench.get("extra_info", {})}
+    return results, machine
+
+
+def _rate(results: dict, test: str, dtype: str) -> float | None:
+    entry = results.get(f"{test}[{dtype}]")
+    return entry["prompts_per_s"] if entry else None
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def render(results: dict, machine: dict) -> str:
+    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "unknown CPU"))
+    threads = next((entry.get("threads") for entry in results.values() if entry.get("threads")), "?")
+    lines = [f"Machine: {cpu}, {threads} torch threads, torch {torch.__version__}, Python "
+             f"{machine.get('python_version', '?')}. Embedded SmolLM2-135M-Instruct, 128 + 128 prompts, "
+             "batch size 32.", "",
+             "| dtype | cna_fast (prompts/s) | naive reference | floor: bare body forward, same batches, "
+             "prefix cached | floor, full sequences | speedup vs naive (target >= 6x) | "
+             "overhead over floor (target <= 10%) |",
+             "|---|---|---|---|---|---|---|"]
+    for dtype in ("float32", "bfloat16"):
+        fast, naive = _rate(results, "test_cna_fast_discover", dtype), _rate(results, "test_naive_reference", dtype)
+        floor = _rate(results, "test_floor_body_forward_prefix_cached", dtype)
+        full = _rate(results, "test_floor_body_forward_full_sequences", dtype)
+        if None in (fast, naive, floor, full):
+            continue
+        speedup, overhead = fast / naive, floor / fast - 1
+        lines.append(f"| {dtype} | {fast:.1f} | {naive:.1f} | {floor:.1f} | {full:.1f} | "
+                     f"{speedup:.1f}x ({_verdict(speedup >= SPEEDUP_TARGET)}) | "
+                     f"{100 * overhead:.1f}% ({_verdict(overhead <= OVERHEAD_TARGET)}) |")
+    memory = results.get("test_peak_memory_flat_in_prompt_count")
+    if memory:
+        growth = memory["growth_mb"]
+        lines += ["", f"Peak resident memory of a whole discovery run (float32): {memory['peak_rss_mb_1k']:.0f} MB "
+                  f"for 1,000 prompts, {memory['peak_rss_mb_10k']:.0f} MB for 10,000: growth {growth:.1f} MB "
+                  f"(target < {MEMORY_TARGET_MB:.0f} MB: {_verdict(growth < MEMORY_TARGET_MB)}); "
+                  f"{memory['prompts_per_s_10k']:.1f} prompts/s over the 10,000."]
+    return "\n".join(lines)
+
+
+def write_readme(table: str) -> None:
+    text = README.read_text(encoding="utf-8")
+    start, end = MARKERS
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    README.write_text(pattern.sub(lambda _: f"{start}\n{table}\n{end}", text), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="pytest-benchmark JSON files")
+    parser.add_argument("--write-readme", action="store_true", help="replace the table in README.md")
+    args = parser.parse_args()
+    table = render(*_load(args.results))
+    print(table)
+    if args.write_readme:
+        write_readme(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Apply circuits at inference: scale the circuit neurons' activations by a multiplier.
+
+A forward pre-hook on each affected down projection multiplies the selected coordinates of its
+input in place (only the circuit's columns are touched; no weight changes), so removing the hooks
+restores the model exactly. Multipliers are per circuit, or per row and circuit, so one batch can
+carry a whole multiplier sweep or requests with different steering.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .circuit import Circuit
+from .errors import CNAError
+from .models import get_adapter
+
+POSITION_MODES = ("all", "prompt", "generated")
+
+
+def _as_circuits(circuits: Circuit | Sequence[Circuit]) -> list[Circuit]:
+    listed = [circuits] if isinstance(circuits, Circuit) else list(circuits)
+    if not listed or not all(isinstance(circuit, Circuit) for circuit in listed):
+        raise CNAError("steer() needs a Circuit or a non-empty list of Circuits")
+    return listed
+
+
+def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tensor:
+    multipliers = torch.as_tensor(multipliers, dtype=torch.float32).detach().cpu()
+    if multipliers.dim() == 1:
+        if multipliers.shape[0] != n_circuits:
+            raise CNAError(f"multipliers must have one value per circuit ({n_circuits}), got shape "
+                           f"{list(multipliers.shape)}; for per-row steering pass [batch, {n_circuits}]")
+    elif multipliers.dim() != 2 or multipliers.shape[1] != n_circuits or multipliers.shape[0] < 1:
+        raise CNAError(f"multipliers must be [{n_circuits}] or [batch, {n_circuits}] (one column per circuit), "
+                       f"got shape {list(multipliers.shape)}")
+    if not torch.isfinite(multipliers).all():
+        raise CNAError("multipliers must be finite numbers: got NaN or infinity")
+    return multipliers
+
+
+def circuit_key(circuit: Circuit) -> tuple:
+    """Identity of a circuit's neuron set, to detect the same circuit applied twice."""
+    return tuple(sorted(zip(circuit.layers.tolist(), circuit.neurons.tolist())))
+
+
+class _LayerScale:
+    """The neurons of one layer touched by any circuit, and their scale per row (or for all rows)."""
+
+    def __init__(self, neurons: torch.Tensor, scale: torch.Tensor) -> None:
+        self.neurons = neurons  # [k] sorted unique neuron indices
+        self.scale = scale  # [k] or [rows, k]
+        self._on_device: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index and scale tensors on `device` in `dtype`, built once per device."""
+        key = (device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self.neurons.to(device), self.scale.to(device=device, dtype=dtype))
+        return self._on_device[key]
+
+
+class Steering:
+    """Active steering on a model; a context manager, or call `remove()` when done."""
+
+    def __init__(self, model: nn.Module, circuits: Circuit | Sequence[Circuit],
+                 multipliers: float | Sequence[float] | torch.Tensor = 0.0, *, positions: str = "all",
+                 allow_stacking: bool = False) -> None:
+        self.model = model
+        self.circuits = _as_circuits(circuits)
+        if positions not in POSITION_MODES:
+            raise CNAError(f"unknown positions {positions!r}: choose one of {', '.join(POSITION_MODES)}")
+        self.positions = positions
+        adapter = get_adapter(model)
+        for circuit in self.circuits:
+            circuit.validate(model)
+        if isinstance(multipliers, (int, float)):
+            if not math.isfinite(multipliers):
+                raise CNAError(f"multiplier must be a finite number, got {multipliers}")
+            multipliers = [float(multipliers)] * len(self.circuits)
+        self.multipliers = _check_multipliers(multipliers, len(self.circuits))
+        self.keys = [circuit_key(circuit) for circuit in self.circuits]
+        if len(set(self.keys)) != len(self.keys) and not allow_stacking:
+            raise CNAError("the same circuit is listed twice; pass allow_stacking=True to multiply its multipliers")
+        active = _active(model)
+        if not allow_stacking and any(key in other.keys for other in active for key in self.keys):
+            raise CNAError("this circuit is already being applied to the model (nested steer); its multipliers would "
+                           "multiply. Exit the outer steer first, or pass allow_stacking=True to mean it")
+        self.layers = self._layer_scales()
+        self._generating = False
+        self._handles = [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
+                         for layer in self.layers]
+        if positions != "all":
+            self._handles.append(adapter.body.register_forward_pre_hook(self._track_phase, with_kwargs=True))
+        active.append(self)
+
+    def _layer_scales(self) -> dict[int, _LayerScale]:
+        """Merge all circuits per layer: a neuron in several circuits gets the product of their multipliers."""
+        per_row = self.multipliers.dim() == 2
+        layers: dict[int, _LayerScale] = {}
+        all_layers = torch.cat([circuit.layers for circuit in self.circuits]).unique().tolist()
+        for layer in all_layers:
+            neurons = torch.cat([circuit.neurons[circuit.layers == layer] for circuit in self.circuits]).unique()
+            shape = (self.multipliers.shape[0], neurons.numel()) if per_row else (neurons.numel(),)
+            scale = torch.ones(shape, dtype=torch.float32)
+            for column, circuit in enumerate(self.circuits):
+                members = torch.isin(neurons, circuit.neurons[circuit.layers == layer])
+                factor = self.multipliers[..., column]
+                scale[..., members] *= factor[:, None] if per_row else factor
+            layers[layer] = _LayerScale(neurons, scale)
+        return layers
+
+    def _track_phase(self, module, args, kwargs):
+        """Prompt forward (empty KV cache) vs generated-token forward (cache already filled)."""
+        cache = kwargs.get("past_key_values")
+        self._generating = cache is not None and cache.get_seq_length() > 0
+
+    def _make_hook(self, layer: int):
+        entry = self.layers[layer]
+
+        def hook(module, args):
+            if self.positions == "prompt" and self._generating:
+                return None
+            if self.positions == "generated" and not self._generating:
+                return None
+            hidden = args[0]
+            neurons, scale = entry.tensors(hidden.device, hidden.dtype)
+            if scale.dim() == 2:
+                if scale.shape[0] != hidden.shape[0]:
+                    raise CNAError(f"per-row multipliers have {scale.shape[0]} rows but the batch has "
+                                   f"{hidden.shape[0]}: pass multipliers of shape [batch, n_circuits]")
+                scale = scale.view(scale.shape[0], *([1] * (hidden.dim() - 2)), scale.shape[1])
+            hidden[..., neurons] *= scale
+            return None
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks; the model is exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        active = _active(self.model)
+        if self in active:
+            active.remove(self)
+
+    def __enter__(self) -> "Steering":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _active(model: nn.Module) -> list[Steering]:
+    active = model.__dict__.get("_cna_fast_steering")
+    if active is None:
+        active = []
+        model.__dict__["_cna_fast_steering"] = active
+    return active
+
+
+def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: float = 0.0, *,
+          multipliers: Sequence[float] | torch.Tensor | None = None, positions: str = "all",
+          allow_stacking: bool = False) -> Steering:
+    """Scale the circuit neurons' activations in every forward pass until removed.
+
+    multiplier: one factor for every circuit (0 ablates, 1 is the identity, > 1 amplifies).
+    multipliers: instead, [n_circuits] factors, or [batch, n_circuits] for a different factor per row.
+    positions: "all" tokens, "prompt" tokens only, or "generated" tokens only (decode steps of generate).
+    allow_stacking: permit applying a circuit that is already applied (the factors then multiply).
+
+    Use as `with steer(model, circuit, 0.0): ...`, or keep the handle and call `remove()`.
+    """
+    return Steering(model, circuits, multiplier if multipliers is None else multipliers, positions=positions,
+                    allow_stacking=allow_stacking)
+
+
+def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    return None if multipliers is None or multipliers.dim() == 1 else multipliers[rows]
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
+             circuit: Circuit | Sequence[Circuit] | None = None, multiplier: float = 0.0,
+             multipliers: Sequence[float] | torch.Tensor | None = None, positions: str = "all",
+             max_new_tokens: int = 64, batch_size: int = 16, chat_template: bool | str | None = None,
+             do_sample: bool = False, progress: bool = True, **generate_kwargs) -> list[str]:
+    """Generate a completion per prompt, optionally steered; returns the new text in input order.
+
+    Prompts go through the chat template (when the tokenizer has one and chat_template is not
+    False), are sorted by length and left-padded in batches of `batch_size`.
+    multipliers: [n_circuits], or [len(prompts), n_circuits] for a different steering per prompt.
+    Extra keyword arguments go to `model.generate` (temperature, top_p, ...).
+    """
+    from tqdm.auto import tqdm
+
+    from .capture import encode_prompts, pad_batch
+
+    prompts = list(prompts)
+    if not prompts:
+        raise CNAError("no prompts to generate from")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
+    circuits = None if circuit is None else _as_circuits(circuit)
+    table = None
+    if circuits is not None:
+        table = _check_multipliers(multipliers if multipliers is not None else [float(multiplier)] * len(circuits),
+                                   len(circuits))
+        if table.dim() == 2 and table.shape[0] != len(prompts):
+            raise CNAError(f"per-prompt multipliers have {table.shape[0]} rows for {len(prompts)} prompts")
+    encoded = encode_prompts(tokenizer, prompts, chat_template)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = get_adapter(model).body.get_input_embeddings().weight.device
+    outputs: list[str] = [""] * len(prompts)
+    shared = None
+    if circuits is not None and table.dim() == 1:
+        shared = steer(model, circuits, multipliers=table, positions=positions)
+    try:
+        with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = pad_batch([encoded[i] for i in rows], [0] * len(rows), pad_id, "left")
+                per_row = _rows_for(table, rows)
+                handle = steer(model, circuits, multipliers=per_row, positions=positions) if per_row is not None \
+                    else None
+                try:
+                    with torch.inference_mode():
+                        generated = model.generate(
+                            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                            max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
+                            **generate_kwargs)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                texts = tokenizer.batch_decode(generated[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+                for row, text in zip(rows, texts):
+                    outputs[row] = text.strip()
+                bar.update(len(rows))
+    finally:
+        if shared is not None:
+            shared.remove()
+    return outputs
