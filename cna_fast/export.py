@@ -1,0 +1,150 @@
+"""Serving exports: a circuit at a fixed multiplier as a folded checkpoint or a PEFT LoRA adapter.
+
+Scaling neuron j of layer l by m is the same as scaling column j of that layer's down projection
+by m (the bias is untouched), so a fixed-multiplier circuit can be folded into the weights, or
+added as a low-rank update: A = one-hot rows of the circuit neurons, B = (m - 1) * W_down[:, neurons],
+so that W + B A scales exactly those columns.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .circuit import Circuit
+from .errors import CNAError
+from .models import get_adapter, model_name
+
+_STEERING_FILE = "cna_fast_steering.json"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D"
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return hasattr(module.weight, "quant_state") or type(module).__name__ in ("Linear8bitLt", "Linear4bit")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The down projection's weight as a float [out, in] matrix (dequantized for bitsandbytes)."""
+    if _is_quantized(module):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(module).float()
+    weight = module.weight.detach()
+    return (weight.T if _is_conv1d(module) else weight).float()
+
+
+def _check_multiplier(multiplier: float) -> float:
+    if not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+        raise CNAError(f"multiplier must be a finite number, got {multiplier!r}")
+    return float(multiplier)
+
+
+class _OutputFolder:
+    """Write into a temporary sibling folder, then move it to `path`; refuse a non-empty folder unless forced."""
+
+    def __init__(self, path: str | os.PathLike, force: bool) -> None:
+        self.path = Path(path)
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())) and not force:
+            raise CNAError(f"output folder {str(self.path)!r} is not empty: choose another or pass force=True (--force)")
+        if not self.path.parent.is_dir():
+            raise CNAError(f"parent folder of {str(self.path)!r} does not exist: create it first")
+
+    def __enter__(self) -> Path:
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        return self.staging
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        if self.path.exists():
+            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        os.rename(self.staging, self.path)
+
+
+def _provenance(model, circuit: Circuit, multiplier: float, kind: str) -> dict:
+    return {"format": kind, "multiplier": multiplier, "base_model": model_name(model), "neurons": len(circuit),
+            "circuit_meta": circuit.meta}
+
+
+def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: str | os.PathLike, *,
+                  tokenizer=None, force: bool = False) -> Path:
+    """Write a Hugging Face checkpoint whose down-projection columns are scaled by `multiplier`.
+
+    The model in memory is not modified: scaled copies replace the affected weights in the saved
+    state dict only.
+    """
+    multiplier = _check_multiplier(multiplier)
+    circuit.validate(model)
+    adapter = get_adapter(model)
+    state = model.state_dict()
+    names = {id(module): name for name, module in model.named_modules()}
+    for layer, neurons in circuit.by_layer().items():
+        down = adapter.neuron_site(layer)
+        if _is_quantized(down):
+            raise CNAError("a folded export needs full-precision weights; this model is quantized: use the LoRA "
+                           "export, or load the model unquantized")
+        key = f"{names[id(down)]}.weight"
+        weight = state[key].clone()
+        if _is_conv1d(down):
+            weight[neurons.to(weight.device), :] *= multiplier
+        else:
+            weight[:, neurons.to(weight.device)] *= multiplier
+        state[key] = weight
+    with _OutputFolder(out_dir, force) as staging:
+        model.save_pretrained(staging, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / _STEERING_FILE).write_text(json.dumps(_provenance(model, circuit, multiplier, "folded"), indent=2))
+    return Path(out_dir)
+
+
+def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: str | os.PathLike, *,
+                force: bool = False) -> Path:
+    """Write a PEFT LoRA adapter on the down projections that applies the circuit at `multiplier`.
+
+    Rank r is the largest number of circuit neurons in one layer (layers with fewer get zero
+    padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
+    """
+    multiplier = _check_multiplier(multiplier)
+    circuit.validate(model)
+    adapter = get_adapter(model)
+    by_layer = circuit.by_layer()
+    rank = max(neurons.numel() for neurons in by_layer.values())
+    names = {id(module): name for name, module in model.named_modules()}
+    tensors, targets = {}, []
+    conv1d = False
+    for layer, neurons in by_layer.items():
+        down = adapter.neuron_site(layer)
+        conv1d = conv1d or _is_conv1d(down)
+        weight = dense_weight(down)  # [out, in]
+        lora_a = torch.zeros(rank, weight.shape[1], dtype=torch.float32)
+        lora_a[torch.arange(neurons.numel()), neurons] = 1.0
+        lora_b = torch.zeros(weight.shape[0], rank, dtype=torch.float32)
+        lora_b[:, :neurons.numel()] = (multiplier - 1.0) * weight[:, neurons.to(weight.device)].cpu()
+        name = names[id(down)]
+        targets.append(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model_name(model),
+        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "target_modules": targets,
+        "fan_in_fan_out": conv1d, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+    }
+    with _OutputFolder(out_dir, force) as staging:
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (staging / _STEERING_FILE).write_text(json.dumps(_provenance(model, circuit, multiplier, "lora"), indent=2))
+    return Path(out_dir)
