@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import shutil
 import sys
+import textwrap
 import time
 from typing import Sequence
 
@@ -50,6 +53,37 @@ def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _finite_list(text: str) -> list[float]:
+    values = [_finite(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give comma-separated multipliers like 0,0.5,1,2")
+    return values
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--positions", choices=("all", "prompt", "generated"), default="all",
+                        help="which tokens are steered (default: prompt and generated)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cna", description="Contrastive Neuron Attribution, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,8 +102,35 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=int, default=20, help="how many top neurons to list")
     inspect.add_argument("--plot", help="write a PNG of the layer distribution and score magnitudes")
 
+    generate = commands.add_parser("generate", help="generate with a circuit's neurons scaled")
+    generate.add_argument("--circuit", required=True)
+    generate.add_argument("--multiplier", type=_finite, default=0.0, help="0 ablates, 1 is the identity, 2 doubles")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv)")
+    generate.add_argument("--compare", action="store_true", help="also generate unsteered, side by side")
+    _add_generation_options(generate)
+
+    sweep = commands.add_parser("sweep", help="generate at several multipliers in one batched run")
+    sweep.add_argument("--circuit", required=True)
+    sweep.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
+    sweep.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.csv)")
+    sweep.add_argument("--out", help="CSV of every generation with its quality and language")
+    sweep.add_argument("--plot", help="PNG of quality and answer language against the multiplier")
+    _add_generation_options(sweep)
+
+    export = commands.add_parser("export", help="write a steered model for serving (folded weights or LoRA)")
+    export.add_argument("--circuit", required=True)
+    export.add_argument("--multiplier", type=_finite, required=True)
+    export.add_argument("--format", choices=("folded", "lora"), required=True)
+    export.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
     demo = commands.add_parser("demo", help="French-vs-English discovery on the embedded default model")
     demo.add_argument("--out", help="also save the circuit here")
+    demo.add_argument("--held-out", type=int, default=16, help="held-out French questions to steer")
+    demo.add_argument("--skip-steering", action="store_true", help="discovery only, no generation")
     _add_discovery_options(demo)
     return parser
 
@@ -98,7 +159,7 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
     elapsed = time.perf_counter() - started
     print(f"discovered {len(circuit)} neurons from {len(positive)} + {len(negative)} prompts in {elapsed:.1f} s "
           f"({(len(positive) + len(negative)) / elapsed:.1f} prompts/s)")
-    return circuit
+    return circuit, model, tokenizer
 
 
 def _save(circuit, args) -> None:
@@ -115,7 +176,7 @@ def run_discover(args) -> None:
     from .prompts import read_prompts
 
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
-    circuit = _discover(args, args.model, positive, negative)
+    circuit, _, _ = _discover(args, args.model, positive, negative)
     print(circuit.summary(top=10))
     _save(circuit, args)
 
@@ -134,22 +195,168 @@ def run_inspect(args) -> None:
         print(f"wrote {args.plot}")
 
 
+def _load_with_circuit(args):
+    from .circuit import Circuit
+    from .models import load_model
+
+    circuit = Circuit.load(args.circuit)
+    model, tokenizer = load_model(args.model, dtype=getattr(args, "dtype", None))
+    circuit.validate(model)
+    return circuit, model, tokenizer
+
+
+def _generation_settings(args) -> dict:
+    if args.max_new_tokens < 1:
+        raise CNAError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise CNAError(f"--batch-size must be at least 1, got {args.batch_size}")
+    settings = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, positions=args.positions,
+                    chat_template=False if args.no_chat_template else None, do_sample=args.sample,
+                    progress=not args.quiet)
+    if args.sample:
+        settings["temperature"] = args.temperature
+    return settings
+
+
+def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
+    width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
+    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(left, width)
+    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(right, width)
+    rows = itertools.zip_longest(left_lines, right_lines, fillvalue="")
+    return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
+
+
+def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: float, settings: dict):
+    """Baseline and steered completions of `prompts` in one batched run (per-row multipliers)."""
+    import torch
+
+    from .steering import generate
+
+    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts))
+    texts = generate(model, tokenizer, prompts + prompts, circuit=circuit, multipliers=multipliers, **settings)
+    return texts[:len(prompts)], texts[len(prompts):]
+
+
+def run_generate(args) -> None:
+    import torch
+
+    from .prompts import read_prompts
+    from .steering import generate
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise CNAError("--prompt is empty")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    settings = _generation_settings(args)
+    circuit, model, tokenizer = _load_with_circuit(args)
+    torch.manual_seed(args.seed)
+    if args.compare:
+        baseline, steered = _generate_pairs(model, tokenizer, circuit, prompts, args.multiplier, settings)
+        for prompt, base, new in zip(prompts, baseline, steered):
+            print(f"\n>>> {prompt}")
+            print(_side_by_side("baseline", base, f"steered (x{args.multiplier:g})", new))
+        return
+    texts = generate(model, tokenizer, prompts, circuit=circuit, multiplier=args.multiplier, **settings)
+    for prompt, text in zip(prompts, texts):
+        print(f"\n>>> {prompt}\n{text}")
+
+
+def run_sweep(args) -> None:
+    import torch
+
+    from .evaluate import detect_language, quality
+    from .prompts import read_prompts
+    from .steering import generate
+
+    prompts = read_prompts(args.prompts)
+    for path in (args.out, args.plot):
+        if path:
+            _check_output(path)
+    settings = _generation_settings(args)
+    circuit, model, tokenizer = _load_with_circuit(args)
+    torch.manual_seed(args.seed)
+    multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts])
+    texts = generate(model, tokenizer, prompts * len(args.multipliers), circuit=circuit, multipliers=multipliers,
+                     **settings)
+    rows = [{"multiplier": value, "prompt_index": i, "prompt": prompt, "output": texts[k * len(prompts) + i],
+             "quality": quality(texts[k * len(prompts) + i]), "language": detect_language(texts[k * len(prompts) + i])}
+            for k, value in enumerate(args.multipliers) for i, prompt in enumerate(prompts)]
+    for value in args.multipliers:
+        chosen = [row for row in rows if row["multiplier"] == value]
+        languages = {lang: sum(row["language"] == lang for row in chosen) / len(chosen) for lang in ("fr", "en")}
+        print(f"\n=== multiplier {value:g}: quality {sum(r['quality'] for r in chosen) / len(chosen):.3f}, "
+              f"answers in French {languages['fr']:.0%}, in English {languages['en']:.0%}")
+        for row in chosen:
+            print(f"  [{row['language']:>7}] {row['prompt'][:40]:<40} -> {row['output'][:70]!r}")
+    if args.out:
+        _write_rows(args.out, rows)
+        print(f"wrote {args.out}")
+    if args.plot:
+        from .plotting import plot_sweep
+
+        plot_sweep(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    from ._io import write_text_atomic
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def run_export(args) -> None:
+    from .circuit import Circuit
+    from .export import export_folded, export_lora
+    from .models import load_model
+
+    circuit = Circuit.load(args.circuit)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
+        raise CNAError(f"output folder {args.out!r} is not empty: choose another or pass --force")
+    model, tokenizer = load_model(args.model)
+    if args.format == "folded":
+        export_folded(model, circuit, args.multiplier, args.out, tokenizer=tokenizer, force=args.force)
+    else:
+        export_lora(model, circuit, args.multiplier, args.out, force=args.force)
+    print(f"wrote {args.format} export of {len(circuit)} neurons at multiplier {args.multiplier:g} to {args.out}")
+
+
 def run_demo(args) -> None:
+    from .evaluate import language_rate
     from .prompts import bundled_prompts
 
     french, english = bundled_prompts("french_questions"), bundled_prompts("english_questions")
     print(f"French-vs-English discovery on the embedded default model ({len(french)} + {len(english)} "
           "bundled questions)")
-    circuit = _discover(args, None, french, english)
+    circuit, model, tokenizer = _discover(args, None, french, english)
     print(circuit.summary(top=15))
     print("\npositive deltas fire more on French questions; negative ones more on English questions.")
     _save(circuit, args)
+    if args.skip_steering:
+        return
+    held_out = bundled_prompts("french_heldout")[:args.held_out]
+    print(f"\nablating the circuit (multiplier 0) on {len(held_out)} held-out French questions, "
+          "baseline and ablated in one batched generation:")
+    settings = dict(max_new_tokens=40, batch_size=16, progress=not args.quiet)
+    baseline, ablated = _generate_pairs(model, tokenizer, circuit, held_out, 0.0, settings)
+    for prompt, base, new in list(zip(held_out, baseline, ablated))[:4]:
+        print(f"\n>>> {prompt}")
+        print(_side_by_side("baseline", base, "circuit ablated (x0)", new))
+    print(f"\nanswers in French: baseline {language_rate(baseline, 'fr'):.0%}, ablated {language_rate(ablated, 'fr'):.0%}"
+          f"; in English: baseline {language_rate(baseline, 'en'):.0%}, ablated {language_rate(ablated, 'en'):.0%}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cna`; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"discover": run_discover, "inspect": run_inspect, "demo": run_demo}
+    handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
+                "export": run_export, "demo": run_demo}
     try:
         handlers[args.command](args)
     except CNAError as error:

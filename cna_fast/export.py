@@ -86,6 +86,7 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     state dict only.
     """
     multiplier = _check_multiplier(multiplier)
+    output = _OutputFolder(out_dir, force)
     circuit.validate(model)
     adapter = get_adapter(model)
     state = model.state_dict()
@@ -102,7 +103,7 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
         else:
             weight[:, neurons.to(weight.device)] *= multiplier
         state[key] = weight
-    with _OutputFolder(out_dir, force) as staging:
+    with output as staging:
         model.save_pretrained(staging, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -118,6 +119,7 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
     """
     multiplier = _check_multiplier(multiplier)
+    output = _OutputFolder(out_dir, force)
     circuit.validate(model)
     adapter = get_adapter(model)
     by_layer = circuit.by_layer()
@@ -143,7 +145,7 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
         "fan_in_fan_out": conv1d, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None,
     }
-    with _OutputFolder(out_dir, force) as staging:
+    with output as staging:
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (staging / _STEERING_FILE).write_text(json.dumps(_provenance(model, circuit, multiplier, "lora"), indent=2))

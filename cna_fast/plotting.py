@@ -38,3 +38,25 @@ def plot_circuit(circuit: Circuit, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
+
+
+def plot_sweep(rows: list[dict], path: str | os.PathLike) -> None:
+    """Quality and answer language against the multiplier, from `cna sweep` rows."""
+    plt = _pyplot()
+    values = sorted({row["multiplier"] for row in rows})
+
+    def mean_of(key, predicate=lambda row: True):
+        chosen = [[row for row in rows if row["multiplier"] == value] for value in values]
+        return [sum(key(row) for row in group if predicate(row)) / len(group) for group in chosen]
+
+    figure, axis = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    axis.plot(values, mean_of(lambda row: row["quality"]), "o-", label="quality (1 - repeated 4-grams)")
+    axis.plot(values, mean_of(lambda row: row["language"] == "fr"), "s-", label="answers in French")
+    axis.plot(values, mean_of(lambda row: row["language"] == "en"), "^-", label="answers in English")
+    axis.set_xlabel("multiplier")
+    axis.set_ylim(-0.05, 1.05)
+    axis.legend()
+    axis.set_title("steering sweep")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
