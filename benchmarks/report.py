@@ -18,6 +18,8 @@ MARKERS = ("<!-- perf-table -->", "<!-- /perf-table -->")
 SPEEDUP_TARGET = 6.0
 OVERHEAD_TARGET = 0.10
 MEMORY_TARGET_MB = 50.0
+STEERING_OVERHEAD_TARGET = 0.03
+BATCHING_TARGET = 5.0
 
 
 def _load(paths: list[Path]) -> tuple[dict[str, dict], dict]:
@@ -66,7 +68,26 @@ def render(results: dict, machine: dict) -> str:
                   f"for 1,000 prompts, {memory['peak_rss_mb_10k']:.0f} MB for 10,000: growth {growth:.1f} MB "
                   f"(target < {MEMORY_TARGET_MB:.0f} MB: {_verdict(growth < MEMORY_TARGET_MB)}); "
                   f"{memory['prompts_per_s_10k']:.1f} prompts/s over the 10,000."]
+    lines += _steering_lines(results)
     return "\n".join(lines)
+
+
+def _steering_lines(results: dict) -> list[str]:
+    plain = results.get("test_batched_generation[unsteered]")
+    steered = results.get("test_batched_generation[steered]")
+    single = results.get("test_one_at_a_time_steered_generation")
+    if not (plain and steered and single):
+        return []
+    overhead = steered["mean_s"] / plain["mean_s"] - 1
+    batching = single["mean_s"] / steered["mean_s"]
+    return ["", "Steered generation (float32, 16 prompts x 64 new tokens, greedy, 46-neuron circuit at multiplier 0):",
+            "", "| run | seconds | new tokens/s | target |", "|---|---|---|---|",
+            f"| batched, no circuit | {plain['mean_s']:.2f} | {plain['tokens_per_s']:.0f} | |",
+            f"| batched, steered | {steered['mean_s']:.2f} | {steered['tokens_per_s']:.0f} | overhead "
+            f"{100 * overhead:+.1f}% (<= {100 * STEERING_OVERHEAD_TARGET:.0f}%: "
+            f"{_verdict(overhead <= STEERING_OVERHEAD_TARGET)}) |",
+            f"| one prompt at a time, steered | {single['mean_s']:.2f} | {single['tokens_per_s']:.0f} | batched is "
+            f"{batching:.1f}x faster (>= {BATCHING_TARGET:.0f}x: {_verdict(batching >= BATCHING_TARGET)}) |"]
 
 
 def write_readme(table: str) -> None:

@@ -73,7 +73,8 @@ class Circuit:
         mine = self.fingerprint
         num_layers = int(fingerprint["num_layers"])
         widths = fingerprint["d_ff"] if isinstance(fingerprint["d_ff"], list) else [fingerprint["d_ff"]] * num_layers
-        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != fingerprint["d_ff"]):
+        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != fingerprint["d_ff"]
+                     or mine.get("model_type") != fingerprint.get("model_type")):
             raise CircuitMismatchError(
                 f"circuit was found on a model with {mine.get('num_layers')} layers x {mine.get('d_ff')} neurons "
                 f"({mine.get('model_type')}), but this model has {num_layers} layers x {fingerprint['d_ff']} "

@@ -189,3 +189,72 @@ def test_console_script_exit_code(prompt_files, tmp_path):
     assert result.returncode == 2
     assert "missing.txt" in result.stderr and "does not exist" in result.stderr
     assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.fixture
+def circuit_file(model_dir, prompt_files, tmp_path) -> Path:
+    out = tmp_path / "circuit.safetensors"
+    assert run_cli(*discover_args(model_dir, *prompt_files, out, "--top-k", "6")) == 0
+    return out
+
+
+def test_generate_compare_prints_baseline_and_steered(model_dir, circuit_file, capsys):
+    code = run_cli("generate", "--circuit", circuit_file, "--model", model_dir, "--multiplier", "0",
+                   "--prompt", "zebra stripes", "--compare", "--max-new-tokens", "5", "--quiet")
+    assert code == 0
+    text = capsys.readouterr().out
+    assert ">>> zebra stripes" in text and "baseline" in text and "steered (x0)" in text
+
+
+def test_sweep_writes_csv_and_plot(model_dir, circuit_file, prompt_files, tmp_path, capsys):
+    out, plot = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    code = run_cli("sweep", "--circuit", circuit_file, "--model", model_dir, "--multipliers", "0,1,2",
+                   "--prompts", prompt_files[0], "--max-new-tokens", "4", "--out", out, "--plot", plot, "--quiet")
+    assert code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "multiplier,prompt_index,prompt,output,quality,language"
+    assert len(lines) == 1 + 3 * len(POSITIVE)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "=== multiplier 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["folded", "lora"])
+def test_export_writes_folder_and_refuses_non_empty(model_dir, circuit_file, tmp_path, capsys, fmt):
+    out = tmp_path / f"export-{fmt}"
+    args = ("export", "--circuit", circuit_file, "--model", model_dir, "--multiplier", "0", "--format", fmt,
+            "--out", out)
+    assert run_cli(*args) == 0
+    expected = "adapter_config.json" if fmt == "lora" else "config.json"
+    assert (out / expected).is_file()
+    before = sorted(path.name for path in out.iterdir())
+    assert run_cli(*args) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == before
+    assert run_cli(*args, "--force") == 0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "zero"])
+def test_non_finite_multiplier_exits_2(model_dir, circuit_file, capsys, value):
+    code = run_cli("generate", "--circuit", circuit_file, "--model", model_dir, "--multiplier", value,
+                   "--prompt", "zebra")
+    assert code == 2
+    assert "--multiplier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2"])
+def test_circuit_that_does_not_fit_the_model_exits_2(circuit_file, tmp_path, capsys, model_type):
+    """A circuit from the 4-layer x 96 tiny Llama, applied to another architecture (GPT-NeoX has the same
+    shape, GPT-2 a different width)."""
+    folder = tmp_path / f"tiny-{model_type}"
+    tokenizer = build_tokenizer()
+    other = build_tiny_model(model_type, len(tokenizer))
+    if model_type == "gpt2":
+        other = type(other)(type(other.config)(**{**other.config.to_dict(), "n_inner": 128}))
+    other.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()
+    for command in (["generate", "--prompt", "zebra"], ["export", "--format", "lora", "--out", tmp_path / "x"]):
+        code = run_cli(*command, "--circuit", circuit_file, "--model", folder, "--multiplier", "0")
+        assert code == 2
+        assert "discover a circuit on this model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

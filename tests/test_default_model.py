@@ -42,3 +42,20 @@ def test_cna_demo_finds_language_neurons(tmp_path, capsys):
     assert circuit.meta["n_positive"] == 160 and circuit.meta["n_negative"] == 160
     # French and English questions separate strongly: the top neuron's means are far apart.
     assert abs(float(circuit.deltas[0])) > 2 * float(max(circuit.std_positive[0], circuit.std_negative[0]))
+
+
+def test_ablating_french_circuit_turns_answers_english(default_model):
+    """The issue's story: ablate the French-vs-English circuit and held-out French questions get English answers."""
+    from cna_fast.evaluate import language_rate
+    from cna_fast.steering import generate
+
+    model, tokenizer = default_model
+    circuit = cna_fast.discover(model, tokenizer, bundled_prompts("french_questions"),
+                                bundled_prompts("english_questions"), progress=False)
+    held_out = bundled_prompts("french_heldout")[:16]
+    multipliers = torch.tensor([[1.0]] * len(held_out) + [[0.0]] * len(held_out))
+    texts = generate(model, tokenizer, held_out + held_out, circuit=circuit, multipliers=multipliers,
+                     max_new_tokens=32, batch_size=32, progress=False)
+    baseline, ablated = texts[:16], texts[16:]
+    assert language_rate(ablated, "en") >= language_rate(baseline, "en") + 0.3
+    assert language_rate(ablated, "fr") <= language_rate(baseline, "fr") - 0.3
