@@ -167,7 +167,7 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
              top_frac: float | None = DEFAULT_TOP_FRAC, position: str = "last", score: str = "diff",
              exclude_layers: Iterable[int] = (), chat_template: bool | str | None = None, batch_size: int = 32,
              universal_filter: bool | UniversalFilter | torch.Tensor = False, padding_side: str = "right",
-             progress: bool = True) -> Circuit:
+             progress: bool = True, distributed: bool = False) -> Circuit:
     """Find the circuit: the neurons whose activations best separate `positive` from `negative` prompts.
 
     top_k / top_frac: circuit size (top_frac of all the model's MLP neurons, 0.1% by default).
@@ -177,6 +177,8 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
     chat_template: None wraps prompts in the tokenizer's chat template when it has one.
     universal_filter: True (bundled diverse prompts), a UniversalFilter, or a precomputed bool mask
         [num_layers, d_ff] of neurons to exclude.
+    distributed: shard the prompts over torch.distributed ranks and merge their statistics; every
+        rank returns the same circuit (launch with torchrun; see README "Scaling up").
     """
     adapter = get_adapter(model)
     validate_position(position)
@@ -189,7 +191,8 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         resolve_top_k(top_k, top_frac, adapter.num_neurons, len(layers) * adapter.d_ff)
     common = dict(layers=layers, position=position, chat_template=chat_template, batch_size=batch_size,
                   progress=progress)
-    stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side, **common)
+    stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side,
+                             distributed=distributed, **common)
     universal = _universal_mask(universal_filter, model, tokenizer, layers, adapter.num_layers, common)
     meta = {
         "model": model_name(model),

@@ -219,18 +219,21 @@ class Capturer:
         if len(self.prefix) < _MIN_PREFIX_TOKENS:
             self.prefix = []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.device = self.adapter.layer_device(self.layers[0])
         self.input_device = self.adapter.body.get_input_embeddings().weight.device
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._prefix_rows: list[torch.Tensor] | None = None
 
     def run(self, labeled: Iterable[tuple[str, int]], n_groups: int = 2, total: int | None = None,
-            stats: NeuronStats | None = None) -> NeuronStats:
-        """Feed (prompt, group) pairs; returns (and extends, if given) the statistics."""
-        if stats is None:
-            stats = NeuronStats(self.layers, self.adapter.d_ff, n_groups, device=self.device)
-        elif stats.layers != self.layers:
-            raise CNAError(f"statistics cover layers {stats.layers}, this capture covers {self.layers}")
+            stats: NeuronStats | None = None, allow_empty: bool = False) -> NeuronStats:
+        """Feed (prompt, group) pairs; returns (and extends, if given) the statistics.
+
+        allow_empty: return zero-count statistics for an empty stream instead of raising (a
+        distributed rank whose shard is empty must still join the merge).
+        """
+        if stats is not None and (stats.layers != self.layers or stats.n_groups != n_groups):
+            raise CNAError(f"statistics cover layers {stats.layers} and {stats.n_groups} groups; this capture "
+                           f"covers layers {self.layers} and {n_groups} groups")
+        parts = self._stats_per_device(n_groups)
         seen = 0
         bar = tqdm(total=total, desc="capture", unit="prompt", disable=not self.progress)
         with torch.inference_mode(), _Recorder(self.adapter, self.layers, self.position) as recorder:
@@ -242,12 +245,21 @@ class Capturer:
                 seen += len(window)
                 encoded = encode_prompts(self.tokenizer, prompts, self.chat_template)
                 for batch in self._batches(encoded, [label for _, label in window]):
-                    self._run_batch(recorder, stats, *batch)
+                    self._run_batch(recorder, parts, *batch)
                     bar.update(len(batch[0]))
         bar.close()
-        if seen == 0:
+        if seen == 0 and not allow_empty:
             raise CNAError("no prompts to capture: the prompt set is empty")
-        return stats
+        gathered = NeuronStats.concat([part for _, part in parts])
+        return gathered if stats is None else stats.merge(gathered)
+
+    def _stats_per_device(self, n_groups: int) -> list[tuple[list[int], NeuronStats]]:
+        """One NeuronStats per device, holding the layers on that device (sharded models), with their slots."""
+        slots_by_device: dict[torch.device, list[int]] = {}
+        for slot, layer in enumerate(self.layers):
+            slots_by_device.setdefault(self.adapter.layer_device(layer), []).append(slot)
+        return [(slots, NeuronStats([self.layers[slot] for slot in slots], self.adapter.d_ff, n_groups, device=device))
+                for device, slots in slots_by_device.items()]
 
     def _batches(self, encoded: list[list[int]], labels: list[int]):
         """Length-sorted batches, split into those that start with the shared prefix and those that don't."""
@@ -295,7 +307,8 @@ class Capturer:
                 for k, v in self._prefix_kv]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
-    def _run_batch(self, recorder: _Recorder, stats: NeuronStats, sequences, labels, use_prefix: bool) -> None:
+    def _run_batch(self, recorder: _Recorder, parts: list[tuple[list[int], NeuronStats]], sequences, labels,
+                   use_prefix: bool) -> None:
         cache = None
         offset = 0
         if use_prefix:
@@ -321,13 +334,15 @@ class Capturer:
         row_labels = batch.labels
         if self.position == "all":
             row_labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
-        stats.update(recorder.rows, row_labels)
-        if use_prefix and self.position == "all":
-            self._fold_prefix_tokens(stats, batch.labels)
+        for slots, stats in parts:
+            stats.update([recorder.rows[slot] for slot in slots], row_labels)
+            if use_prefix and self.position == "all":
+                self._fold_prefix_tokens(stats, [self._prefix_rows[slot] for slot in slots], batch.labels)
 
-    def _fold_prefix_tokens(self, stats: NeuronStats, labels: torch.Tensor) -> None:
+    @staticmethod
+    def _fold_prefix_tokens(stats: NeuronStats, prefix_rows: list[torch.Tensor], labels: torch.Tensor) -> None:
         """Each prompt also contains the prefix tokens: fold them in once per row of each group."""
-        prefix = torch.stack([rows.to(stats.device) for rows in self._prefix_rows])  # [L, P, d]
+        prefix = torch.stack([rows.to(stats.device) for rows in prefix_rows])  # [L, P, d]
         zeros = torch.zeros(prefix.shape[1], dtype=torch.long, device=stats.device)
         _, prefix_mean, prefix_m2 = batch_moments(prefix, zeros, 1)
         per_group = torch.bincount(labels, minlength=stats.n_groups).to(stats.device, torch.float64)
@@ -345,22 +360,41 @@ def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
     return sorted(checked)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CNAError("distributed capture needs torch.distributed initialized: launch with torchrun and call "
+                       "torch.distributed.init_process_group (the CLI's --distributed does both)")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *,
                      layers: Sequence[int] | None = None, position: str = "last",
                      chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
-                     prefix_cache: bool = True, progress: bool = True) -> NeuronStats:
-    """Statistics of positive (group 1) and negative (group 0) prompts in one stream of mixed batches."""
+                     prefix_cache: bool = True, progress: bool = True, distributed: bool = False) -> NeuronStats:
+    """Statistics of positive (group 1) and negative (group 0) prompts in one stream of mixed batches.
+
+    distributed: under torch.distributed (torchrun), each rank streams every world_size-th prompt of
+    each set and the ranks' moments are merged exactly; every rank returns the merged statistics.
+    """
     capturer = Capturer(model, tokenizer, layers=layers, position=position, chat_template=chat_template,
                         batch_size=batch_size, padding_side=padding_side, prefix_cache=prefix_cache,
                         progress=progress)
     total = None
     if hasattr(positive, "__len__") and hasattr(negative, "__len__"):
         total = len(positive) + len(negative)
+    if distributed:
+        rank, world = _rank_and_world()
+        positive, negative = itertools.islice(positive, rank, None, world), itertools.islice(negative, rank, None, world)
+        total = None if total is None else len(range(rank, total, world))
     labeled = itertools.chain(
         ((_check_prompt(prompt, number, "positive "), POSITIVE) for number, prompt in enumerate(positive, 1)),
         ((_check_prompt(prompt, number, "negative "), NEGATIVE) for number, prompt in enumerate(negative, 1)),
     )
-    stats = capturer.run(labeled, n_groups=2, total=total)
+    stats = capturer.run(labeled, n_groups=2, total=total, allow_empty=distributed)
+    if distributed:
+        stats.all_reduce()
     for side, name in ((POSITIVE, "positive"), (NEGATIVE, "negative")):
         if stats.count[side] == 0:
             raise CNAError(f"the {name} prompt set is empty: give at least one {name} prompt")

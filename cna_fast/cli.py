@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--out", required=True, help="circuit file to write (.safetensors)")
     discover.add_argument("--json", help="also write the circuit as JSON")
     discover.add_argument("--csv", help="also write the circuit's neurons as CSV")
+    discover.add_argument("--distributed", action="store_true",
+                          help="run under torchrun: every rank streams a shard, rank 0 writes the circuit")
     _add_discovery_options(discover)
 
     inspect = commands.add_parser("inspect", help="summarize a circuit file")
@@ -135,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _discover(args, model_name: str | None, positive: list[str], negative: list[str]):
+def _discover(args, model_name: str | None, positive: list[str], negative: list[str], *,
+              device_map: dict | None = None, distributed: bool = False, verbose: bool = True):
     from .attribution import discover
     from .models import load_model
 
@@ -148,16 +151,18 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
     for path in (getattr(args, "out", None), getattr(args, "json", None), getattr(args, "csv", None)):
         if path:
             _check_output(path)
-    model, tokenizer = load_model(model_name, dtype=args.dtype)
+    model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=device_map)
     started = time.perf_counter()
     circuit = discover(
         model, tokenizer, positive, negative, top_k=args.top_k,
         top_frac=args.top_frac if args.top_frac is not None else 0.001, position=args.position, score=args.score,
         exclude_layers=args.exclude_layers, chat_template=False if args.no_chat_template else None,
-        batch_size=args.batch_size, universal_filter=args.universal_filter, progress=not args.quiet,
+        batch_size=args.batch_size, universal_filter=args.universal_filter, progress=verbose and not args.quiet,
+        distributed=distributed,
     )
     elapsed = time.perf_counter() - started
-    print(f"discovered {len(circuit)} neurons from {len(positive)} + {len(negative)} prompts in {elapsed:.1f} s "
+    if verbose:
+        print(f"discovered {len(circuit)} neurons from {len(positive)} + {len(negative)} prompts in {elapsed:.1f} s "
           f"({(len(positive) + len(negative)) / elapsed:.1f} prompts/s)")
     return circuit, model, tokenizer
 
@@ -172,13 +177,43 @@ def _save(circuit, args) -> None:
             print(f"wrote {path}")
 
 
+def _init_distributed() -> tuple[int, dict | None]:
+    """Join the torchrun process group (NCCL with GPUs, gloo without); returns rank and device map."""
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise CNAError("--distributed needs torchrun: torchrun --nproc_per_node=N -m cna_fast discover --distributed ...")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), {"": local_rank}
+    return dist.get_rank(), None
+
+
 def run_discover(args) -> None:
     from .prompts import read_prompts
 
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
-    circuit, _, _ = _discover(args, args.model, positive, negative)
-    print(circuit.summary(top=10))
-    _save(circuit, args)
+    if not args.distributed:
+        circuit, _, _ = _discover(args, args.model, positive, negative)
+        print(circuit.summary(top=10))
+        _save(circuit, args)
+        return
+    import torch.distributed as dist
+
+    rank, device_map = _init_distributed()
+    try:
+        circuit, _, _ = _discover(args, args.model, positive, negative, device_map=device_map, distributed=True,
+                                  verbose=rank == 0)
+        if rank == 0:
+            print(circuit.summary(top=10))
+            _save(circuit, args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def run_inspect(args) -> None:

@@ -105,6 +105,45 @@ class NeuronStats:
         self.merge_moments(other.count, other.mean, other.m2)
         return self
 
+    @classmethod
+    def concat(cls, parts: Sequence["NeuronStats"], device: torch.device | str = "cpu") -> "NeuronStats":
+        """Join statistics of disjoint layer sets over the same rows (e.g. one part per device), sorted by layer."""
+        first = parts[0]
+        for part in parts[1:]:
+            if part.width != first.width or part.n_groups != first.n_groups or not torch.equal(
+                    part.count.cpu(), first.count.cpu()):
+                raise CNAError("only statistics of the same rows, width and groups can be joined by layer")
+        layers = [layer for part in parts for layer in part.layers]
+        if len(set(layers)) != len(layers):
+            raise CNAError(f"statistics to join cover some layers twice: {layers}")
+        order = sorted(range(len(layers)), key=layers.__getitem__)
+        joined = cls([layers[i] for i in order], first.width, first.n_groups, device=device, meta=first.meta)
+        joined.count = first.count.to(device)
+        joined.mean = torch.cat([part.mean.to(device) for part in parts])[order]
+        joined.m2 = torch.cat([part.m2.to(device) for part in parts])[order]
+        return joined
+
+    def all_reduce(self, group=None) -> "NeuronStats":
+        """Merge the statistics of every torch.distributed rank, in rank order; every rank gets the result.
+
+        Exact: the Chan merge of counts, means and M2, never a mean of means.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        device = self.device
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        payload = [self.count.to(device), self.mean.to(device), self.m2.to(device)]
+        gathered = [[torch.empty_like(tensor) for _ in range(world)] for tensor in payload]
+        for slots, tensor in zip(gathered, payload):
+            dist.all_gather(slots, tensor, group=group)
+        merged = NeuronStats(self.layers, self.width, self.n_groups, device=self.device, meta=self.meta)
+        for count, mean, m2 in zip(*gathered):
+            merged.merge_moments(count, mean, m2)
+        self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
+        return self
+
     def variance(self, ddof: int = 1) -> torch.Tensor:
         """Per-neuron variance [L, G, width]; NaN where a group has `ddof` rows or fewer."""
         denominator = (self.count - ddof)[None, :, None]

@@ -28,6 +28,29 @@ def tiny_llama(tokenizer):
     return build_tiny_model("llama", vocab_size=len(tokenizer))
 
 
+POSITIVE = ["zebra stripes on the savanna", "the zebra runs fast", "a zebra and a fox", "zebra zebra"]
+NEGATIVE = ["the quick brown fox", "how do i bake bread", "write a python function", "explain photosynthesis"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama and the test tokenizer saved as a Hugging Face folder (for CLI and torchrun)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    """POSITIVE and NEGATIVE written as .txt prompt files."""
+    positive, negative = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    positive.write_text("\n".join(POSITIVE) + "\n")
+    negative.write_text("\n".join(NEGATIVE) + "\n")
+    return positive, negative
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""

@@ -11,26 +11,7 @@ from cna_fast.circuit import Circuit
 from cna_fast.cli import main
 from tests.tiny import build_tiny_model, build_tokenizer
 
-POSITIVE = ["zebra stripes on the savanna", "the zebra runs fast", "a zebra and a fox", "zebra zebra"]
-NEGATIVE = ["the quick brown fox", "how do i bake bread", "write a python function", "explain photosynthesis"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama and its tokenizer saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
-    build_tiny_model("llama", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def prompt_files(tmp_path: Path) -> tuple[Path, Path]:
-    positive, negative = tmp_path / "pos.txt", tmp_path / "neg.txt"
-    positive.write_text("\n".join(POSITIVE) + "\n")
-    negative.write_text("\n".join(NEGATIVE) + "\n")
-    return positive, negative
+from tests.conftest import NEGATIVE, POSITIVE
 
 
 def run_cli(*args: str) -> int:

@@ -385,6 +385,17 @@ def test_positions_generated_without_cache_matches_cached() -> None:
 # --------------------------------------------------------------------------------------- generate helper
 
 
+@torch.no_grad()
+def reference_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy completion of one prompt through the chat template, by plain transformers calls."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
 def test_sampling_is_reproducible_with_a_seed(tokenizer) -> None:
     model = sharp_model("llama", len(tokenizer))
     circuit = big_circuit(model)
@@ -410,6 +421,8 @@ def test_generate_returns_texts_in_input_order(tokenizer, with_circuit: bool) ->
                       progress=False)[0] for prompt in PROMPTS]
     assert batched == alone
     assert len(set(alone)) > 1, "different prompts should give different texts, or order is not tested"
+    reference_model = hand_scaled(model, factors_of([circuit], [2.0])) if with_circuit else model
+    assert alone == [reference_generate(reference_model, tokenizer, prompt, 6) for prompt in PROMPTS]
     assert_no_hooks(model)
 
 
