@@ -34,20 +34,44 @@ def _is_quantized(module: nn.Module) -> bool:
     return hasattr(module.weight, "quant_state") or type(module).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The down projection's weight as a float [out, in] matrix (dequantized for bitsandbytes)."""
-    if _is_quantized(module):
-        from peft.utils.integrations import dequantize_module_weight
+def weight_columns(module: nn.Module, neurons: torch.Tensor) -> torch.Tensor:
+    """Columns `neurons` of the down projection's [out, in] weight, as float32 on the CPU.
 
-        return dequantize_module_weight(module).float()
+    Quantized (bitsandbytes) weights are read back through the module itself: its outputs for
+    one-hot inputs, minus its output for zero, are exactly the columns it multiplies with. This
+    holds for any storage format (bitsandbytes re-packs 4-bit weights for its CPU kernel, which
+    generic dequantization helpers do not read correctly).
+    """
+    if _is_quantized(module):
+        in_features = int(getattr(module, "in_features"))
+        device = module.weight.device
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+        if hasattr(module.weight, "quant_state") and module.weight.quant_state is not None:
+            dtype = module.weight.quant_state.dtype
+        probes = torch.zeros(neurons.numel() + 1, in_features, dtype=dtype, device=device)
+        probes[torch.arange(neurons.numel()), neurons.to(device)] = 1.0
+        with torch.no_grad():
+            outputs = module(probes).float()
+        return (outputs[:-1] - outputs[-1]).T.cpu()
     weight = module.weight.detach()
-    return (weight.T if _is_conv1d(module) else weight).float()
+    weight = weight.T if _is_conv1d(module) else weight
+    return weight[:, neurons.to(weight.device)].float().cpu()
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The down projection's whole weight as a float32 [out, in] matrix (read back if quantized)."""
+    in_features = getattr(module, "in_features", None) or getattr(module, "nx")
+    return weight_columns(module, torch.arange(int(in_features)))
 
 
 def _check_multiplier(multiplier: float) -> float:
-    if not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+    try:
+        value = float(multiplier)  # ints, floats, numpy scalars, 0-dim tensors
+    except (TypeError, ValueError):
+        raise CNAError(f"multiplier must be a number, got {multiplier!r}") from None
+    if not math.isfinite(value):
         raise CNAError(f"multiplier must be a finite number, got {multiplier!r}")
-    return float(multiplier)
+    return value
 
 
 class _OutputFolder:
@@ -121,6 +145,8 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     multiplier = _check_multiplier(multiplier)
     output = _OutputFolder(out_dir, force)
     circuit.validate(model)
+    if len(circuit) == 0:
+        raise CNAError("the circuit has no neurons: there is nothing to export")
     adapter = get_adapter(model)
     by_layer = circuit.by_layer()
     rank = max(neurons.numel() for neurons in by_layer.values())
@@ -130,11 +156,11 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     for layer, neurons in by_layer.items():
         down = adapter.neuron_site(layer)
         conv1d = conv1d or _is_conv1d(down)
-        weight = dense_weight(down)  # [out, in]
-        lora_a = torch.zeros(rank, weight.shape[1], dtype=torch.float32)
+        columns = weight_columns(down, neurons)  # [out, k]
+        lora_a = torch.zeros(rank, adapter.widths[layer], dtype=torch.float32)
         lora_a[torch.arange(neurons.numel()), neurons] = 1.0
-        lora_b = torch.zeros(weight.shape[0], rank, dtype=torch.float32)
-        lora_b[:, :neurons.numel()] = (multiplier - 1.0) * weight[:, neurons.to(weight.device)].cpu()
+        lora_b = torch.zeros(columns.shape[0], rank, dtype=torch.float32)
+        lora_b[:, :neurons.numel()] = (multiplier - 1.0) * columns
         name = names[id(down)]
         targets.append(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()

@@ -8,6 +8,7 @@ carry a whole multiplier sweep or requests with different steering.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -76,8 +77,8 @@ class Steering:
         adapter = get_adapter(model)
         for circuit in self.circuits:
             circuit.validate(model)
-        if isinstance(multipliers, (int, float)):
-            if not math.isfinite(multipliers):
+        if isinstance(multipliers, numbers.Real):
+            if not math.isfinite(float(multipliers)):
                 raise CNAError(f"multiplier must be a finite number, got {multipliers}")
             multipliers = [float(multipliers)] * len(self.circuits)
         self.multipliers = _check_multipliers(multipliers, len(self.circuits))
@@ -88,8 +89,12 @@ class Steering:
         if not allow_stacking and any(key in other.keys for other in active for key in self.keys):
             raise CNAError("this circuit is already being applied to the model (nested steer); its multipliers would "
                            "multiply. Exit the outer steer first, or pass allow_stacking=True to mean it")
+        if any(len(circuit) == 0 for circuit in self.circuits):
+            raise CNAError("a circuit has no neurons: there is nothing to steer")
         self.layers = self._layer_scales()
-        self._generating = False
+        self._prompt_length = 0  # tokens of the current forward's prompt (positions="prompt"/"generated")
+        self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
+        self._previous_ids: torch.Tensor | None = None
         self._handles = [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
                          for layer in self.layers]
         if positions != "all":
@@ -113,26 +118,45 @@ class Steering:
         return layers
 
     def _track_phase(self, module, args, kwargs):
-        """Prompt forward (empty KV cache) vs generated-token forward (cache already filled)."""
+        """Split the current forward's positions into prompt and generated tokens.
+
+        A forward with an empty (or no) KV cache starts a new prompt, unless, without a cache, its
+        input_ids extend the previous forward's exactly (generate with use_cache=False re-feeds
+        the prompt plus the tokens generated so far). With a filled cache every position is new.
+        """
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
         cache = kwargs.get("past_key_values")
-        self._generating = cache is not None and cache.get_seq_length() > 0
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            previous = self._previous_ids
+            continues = (cache is None and ids is not None and previous is not None
+                         and ids.shape[0] == previous.shape[0] and ids.shape[1] > previous.shape[1]
+                         and torch.equal(ids[:, :previous.shape[1]], previous))
+            if not continues:
+                self._prompt_length = length
+            self._previous_ids = ids if cache is None else None
+        self._prompt_part = max(0, min(length, self._prompt_length - past))
 
     def _make_hook(self, layer: int):
         entry = self.layers[layer]
 
         def hook(module, args):
-            if self.positions == "prompt" and self._generating:
-                return None
-            if self.positions == "generated" and not self._generating:
-                return None
             hidden = args[0]
+            if self.positions == "prompt":
+                hidden = hidden[:, :self._prompt_part]
+            elif self.positions == "generated":
+                hidden = hidden[:, self._prompt_part:]
+            if hidden.numel() == 0:
+                return None
             neurons, scale = entry.tensors(hidden.device, hidden.dtype)
             if scale.dim() == 2:
                 if scale.shape[0] != hidden.shape[0]:
                     raise CNAError(f"per-row multipliers have {scale.shape[0]} rows but the batch has "
                                    f"{hidden.shape[0]}: pass multipliers of shape [batch, n_circuits]")
                 scale = scale.view(scale.shape[0], *([1] * (hidden.dim() - 2)), scale.shape[1])
-            hidden[..., neurons] *= scale
+            hidden[..., neurons] *= scale  # in place on the view: only the circuit's columns are touched
             return None
 
         return hook
@@ -173,8 +197,12 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
 
     Use as `with steer(model, circuit, 0.0): ...`, or keep the handle and call `remove()`.
     """
-    return Steering(model, circuits, multiplier if multipliers is None else multipliers, positions=positions,
-                    allow_stacking=allow_stacking)
+    if multipliers is None:
+        try:
+            multipliers = float(multiplier)  # numpy scalars and 0-dim tensors too
+        except (TypeError, ValueError):
+            raise CNAError(f"multiplier must be a number, got {multiplier!r}; for several values use multipliers=")
+    return Steering(model, circuits, multipliers, positions=positions, allow_stacking=allow_stacking)
 
 
 def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:

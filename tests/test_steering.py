@@ -362,8 +362,6 @@ def test_steered_generate_with_and_without_cache_agree(arch: str) -> None:
     assert torch.equal(outputs[True], outputs[False])
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: without a KV cache every generate step looks like a prompt "
-                                         "pass, so positions='generated' never steers and 'prompt' steers all tokens")
 def test_positions_generated_without_cache_matches_cached() -> None:
     model = sharp_model("llama", 400)
     circuit = big_circuit(model)

@@ -62,10 +62,11 @@ def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-weight causal LM of `model_type`, small enough for CPU unit tests."""
+def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     **overrides):
+    """A random-weight causal LM of `model_type`, small enough for CPU unit tests; `overrides` edit the config."""
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=0, eos_token_id=2, pad_token_id=2,
-                                  **ARCH_CONFIGS[model_type])
+                                  **{**ARCH_CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # sdpa where the architecture has it
     return model.eval()
