@@ -4,14 +4,17 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import hashlib
 import numbers
+import os
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable, Sequence
 
 import torch
 
-from .capture import Capturer, capture_contrast, uses_chat_template, validate_layers, validate_position
+from .capture import (Capturer, Checkpoint, capture_contrast, uses_chat_template, validate_layers,
+                      validate_position)
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
@@ -167,7 +170,9 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
              top_frac: float | None = DEFAULT_TOP_FRAC, position: str = "last", score: str = "diff",
              exclude_layers: Iterable[int] = (), chat_template: bool | str | None = None, batch_size: int = 32,
              universal_filter: bool | UniversalFilter | torch.Tensor = False, padding_side: str = "right",
-             progress: bool = True, distributed: bool = False) -> Circuit:
+             progress: bool = True, distributed: bool = False, max_length: int | None = None,
+             on_long: str = "truncate", checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 10_000,
+             resume: bool = False) -> Circuit:
     """Find the circuit: the neurons whose activations best separate `positive` from `negative` prompts.
 
     top_k / top_frac: circuit size (top_frac of all the model's MLP neurons, 0.1% by default).
@@ -179,6 +184,10 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         [num_layers, d_ff] of neurons to exclude.
     distributed: shard the prompts over torch.distributed ranks and merge their statistics; every
         rank returns the same circuit (launch with torchrun; see README "Scaling up").
+    max_length / on_long: longer prompts are truncated (default, with a warning) or refused.
+    checkpoint / checkpoint_every / resume: save the statistics and stream position to `checkpoint`
+        every `checkpoint_every` prompts; with resume=True continue from it. Needs re-readable
+        prompt sets (lists or PromptSource files) so the inputs can be fingerprinted.
     """
     adapter = get_adapter(model)
     validate_position(position)
@@ -191,8 +200,16 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         resolve_top_k(top_k, top_frac, adapter.num_neurons, len(layers) * adapter.d_ff)
     common = dict(layers=layers, position=position, chat_template=chat_template, batch_size=batch_size,
                   progress=progress)
+    saver = None
+    if checkpoint is not None:
+        identity = {"model": model_name(model), "fingerprint": adapter.fingerprint(), "layers": layers,
+                    "position": position, "chat_template": uses_chat_template(tokenizer, chat_template),
+                    "batch_size": batch_size, "padding_side": padding_side, "max_length": max_length,
+                    "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
+        saver = Checkpoint(checkpoint, checkpoint_every, identity, resume)
     stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side,
-                             distributed=distributed, **common)
+                             distributed=distributed, max_length=max_length, on_long=on_long, checkpoint=saver,
+                             **common)
     universal = _universal_mask(universal_filter, model, tokenizer, layers, adapter.num_layers, common)
     meta = {
         "model": model_name(model),
@@ -205,6 +222,20 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
     }
     return attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded, universal=universal,
                      total_neurons=adapter.num_neurons, meta=meta)
+
+
+def inputs_fingerprint(prompts) -> str:
+    """A hash that identifies a prompt set: the file's bytes for a PromptSource, the texts for a list."""
+    from .prompts import PromptSource
+
+    if isinstance(prompts, PromptSource):
+        return prompts.fingerprint()
+    if isinstance(prompts, (list, tuple)):
+        digest = hashlib.sha256()
+        for prompt in prompts:
+            digest.update(str(prompt).encode("utf-8") + b"\0")
+        return digest.hexdigest()
+    raise CNAError("checkpointing needs re-readable prompt sets (a list or a PromptSource), not a one-shot iterator")
 
 
 def _universal_mask(universal_filter, model, tokenizer, layers: list[int], num_layers: int,

@@ -13,7 +13,9 @@ Positions:
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -193,12 +195,53 @@ def _check_prompt(prompt: object, number: int, where: str = "") -> str:
     return prompt
 
 
+@dataclass
+class Checkpoint:
+    """Periodic, atomic saves of the running statistics and the stream position, for resuming.
+
+    path: the statistics file (safetensors). every: prompts between saves; saves happen at the
+    end of a tokenization window, so a resumed run builds exactly the same batches as an
+    uninterrupted one and ends with bit-identical statistics.
+    identity: what the run is computed from (model, settings, input hashes); resuming from a
+    checkpoint with a different identity is an error.
+    """
+
+    path: Path
+    every: int
+    identity: dict
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise CNAError(f"checkpoint_every must be a positive number of prompts, got {self.every!r}")
+
+    def restore(self) -> tuple[NeuronStats, int] | None:
+        """The saved statistics and how many prompts they cover, when resuming from an existing checkpoint."""
+        if not self.resume or not self.path.exists():
+            return None
+        stats = NeuronStats.load(self.path)
+        saved = stats.meta.get("identity")
+        if saved != self.identity:
+            changed = sorted(key for key in set(saved or {}) | set(self.identity)
+                             if (saved or {}).get(key) != self.identity.get(key))
+            raise CNAError(f"checkpoint {str(self.path)!r} was computed from different inputs or settings "
+                           f"({', '.join(changed)} changed): resume with the original ones, or start over "
+                           "without --resume")
+        return stats, int(stats.meta["consumed"])
+
+    def save(self, stats: NeuronStats, consumed: int) -> None:
+        stats.meta = {"identity": self.identity, "consumed": consumed}
+        stats.save(self.path)
+
+
 class Capturer:
     """Runs prompts through a model and accumulates neuron statistics per group."""
 
     def __init__(self, model, tokenizer, *, layers: Sequence[int] | None = None, position: str = "last",
                  chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
-                 prefix_cache: bool = True, progress: bool = True) -> None:
+                 prefix_cache: bool = True, progress: bool = True, max_length: int | None = None,
+                 on_long: str = "truncate") -> None:
         self.adapter = get_adapter(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -218,48 +261,101 @@ class Capturer:
         self.prefix = shared_prefix(tokenizer, chat_template) if prefix_cache else []
         if len(self.prefix) < _MIN_PREFIX_TOKENS:
             self.prefix = []
+        if on_long not in ("truncate", "error"):
+            raise CNAError(f"unknown on_long {on_long!r}: choose truncate or error")
+        self.on_long = on_long
+        self.max_length = max_length if max_length is not None else context_length(model)
+        if self.max_length is not None and self.max_length <= len(self.prefix):
+            raise CNAError(f"max_length {self.max_length} leaves no room after the {len(self.prefix)}-token "
+                           "chat-template prefix")
+        self.truncated = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.input_device = self.adapter.body.get_input_embeddings().weight.device
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._prefix_rows: list[torch.Tensor] | None = None
 
     def run(self, labeled: Iterable[tuple[str, int]], n_groups: int = 2, total: int | None = None,
-            stats: NeuronStats | None = None, allow_empty: bool = False) -> NeuronStats:
-        """Feed (prompt, group) pairs; returns (and extends, if given) the statistics.
+            stats: NeuronStats | None = None, allow_empty: bool = False,
+            checkpoint: Checkpoint | None = None) -> NeuronStats:
+        """Feed (prompt, group) pairs; returns the statistics, continuing from `stats` if given.
 
         allow_empty: return zero-count statistics for an empty stream instead of raising (a
         distributed rank whose shard is empty must still join the merge).
+        checkpoint: save progress periodically; with checkpoint.resume, skip the prompts an
+        existing checkpoint already covers and continue from its statistics.
         """
+        consumed = 0
+        restored = checkpoint.restore() if checkpoint is not None else None
+        if restored is not None:
+            if stats is not None:
+                raise CNAError("pass either initial statistics or a checkpoint to resume from, not both")
+            stats, consumed = restored
         if stats is not None and (stats.layers != self.layers or stats.n_groups != n_groups):
             raise CNAError(f"statistics cover layers {stats.layers} and {stats.n_groups} groups; this capture "
                            f"covers layers {self.layers} and {n_groups} groups")
-        parts = self._stats_per_device(n_groups)
-        seen = 0
-        bar = tqdm(total=total, desc="capture", unit="prompt", disable=not self.progress)
+        parts = self._stats_per_device(n_groups, stats)
+        stream = iter(labeled)
+        if consumed and len(list(itertools.islice(stream, consumed))) < consumed:
+            raise CNAError(f"the checkpoint covers {consumed} prompts but the inputs have fewer")
+        seen, since_save = consumed, 0
+        self.truncated = 0
+        bar = tqdm(total=total, initial=consumed, desc="capture", unit="prompt", disable=not self.progress)
         with torch.inference_mode(), _Recorder(self.adapter, self.layers, self.position) as recorder:
-            for window in _windows(labeled, self.batch_size * _WINDOW_BATCHES):
+            for window in _windows(stream, self.batch_size * _WINDOW_BATCHES):
                 prompts = [_check_prompt(prompt, seen + i + 1) for i, (prompt, _) in enumerate(window)]
                 for _, label in window:
                     if not 0 <= label < n_groups:
                         raise CNAError(f"group label {label} is outside 0..{n_groups - 1}")
-                seen += len(window)
-                encoded = encode_prompts(self.tokenizer, prompts, self.chat_template)
+                encoded = [self._fit(ids, seen + i + 1)
+                           for i, ids in enumerate(encode_prompts(self.tokenizer, prompts, self.chat_template))]
                 for batch in self._batches(encoded, [label for _, label in window]):
                     self._run_batch(recorder, parts, *batch)
                     bar.update(len(batch[0]))
+                seen += len(window)
+                since_save += len(window)
+                if checkpoint is not None and since_save >= checkpoint.every:
+                    checkpoint.save(NeuronStats.concat([part for _, part in parts]), seen)
+                    since_save = 0
         bar.close()
         if seen == 0 and not allow_empty:
             raise CNAError("no prompts to capture: the prompt set is empty")
+        if self.truncated:
+            warnings.warn(f"{self.truncated} prompts were longer than {self.max_length} tokens and were truncated "
+                          "(kept the chat-template prefix and the last tokens); set max_length or on_long='error'",
+                          stacklevel=2)
         gathered = NeuronStats.concat([part for _, part in parts])
-        return gathered if stats is None else stats.merge(gathered)
+        if checkpoint is not None:
+            checkpoint.save(gathered, seen)
+        return gathered
 
-    def _stats_per_device(self, n_groups: int) -> list[tuple[list[int], NeuronStats]]:
-        """One NeuronStats per device, holding the layers on that device (sharded models), with their slots."""
+    def _fit(self, ids: list[int], number: int) -> list[int]:
+        """Apply the length limit: truncate (keep the shared prefix and the last tokens) or refuse."""
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids
+        if self.on_long == "error":
+            raise CNAError(f"prompt {number} has {len(ids)} tokens, more than max_length={self.max_length}: shorten "
+                           "it, raise max_length, or let it be truncated (on_long='truncate')")
+        self.truncated += 1
+        keep = len(self.prefix) if ids[:len(self.prefix)] == self.prefix else 0
+        return ids[:keep] + ids[len(ids) - (self.max_length - keep):]
+
+    def _stats_per_device(self, n_groups: int, initial: NeuronStats | None) -> list[tuple[list[int], NeuronStats]]:
+        """One NeuronStats per device, holding the layers on that device (sharded models), with their slots.
+
+        initial: statistics to continue from; each part starts from an exact copy of its layers.
+        """
         slots_by_device: dict[torch.device, list[int]] = {}
         for slot, layer in enumerate(self.layers):
             slots_by_device.setdefault(self.adapter.layer_device(layer), []).append(slot)
-        return [(slots, NeuronStats([self.layers[slot] for slot in slots], self.adapter.d_ff, n_groups, device=device))
-                for device, slots in slots_by_device.items()]
+        parts = []
+        for device, slots in slots_by_device.items():
+            part = NeuronStats([self.layers[slot] for slot in slots], self.adapter.d_ff, n_groups, device=device)
+            if initial is not None:
+                part.count = initial.count.to(device).clone()
+                part.mean = initial.mean[slots].to(device).clone()
+                part.m2 = initial.m2[slots].to(device).clone()
+            parts.append((slots, part))
+        return parts
 
     def _batches(self, encoded: list[list[int]], labels: list[int]):
         """Length-sorted batches, split into those that start with the shared prefix and those that don't."""
@@ -350,6 +446,16 @@ class Capturer:
                             prefix_m2 * per_group[None, :, None])
 
 
+def context_length(model) -> int | None:
+    """The model's maximum sequence length from its config, if it states one."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
     """Sorted unique layer indices, each checked against the model's layer count."""
     checked = set()
@@ -372,15 +478,20 @@ def _rank_and_world() -> tuple[int, int]:
 def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *,
                      layers: Sequence[int] | None = None, position: str = "last",
                      chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
-                     prefix_cache: bool = True, progress: bool = True, distributed: bool = False) -> NeuronStats:
+                     prefix_cache: bool = True, progress: bool = True, distributed: bool = False,
+                     max_length: int | None = None, on_long: str = "truncate",
+                     checkpoint: Checkpoint | None = None) -> NeuronStats:
     """Statistics of positive (group 1) and negative (group 0) prompts in one stream of mixed batches.
 
     distributed: under torch.distributed (torchrun), each rank streams every world_size-th prompt of
     each set and the ranks' moments are merged exactly; every rank returns the merged statistics.
+    max_length / on_long: prompts longer than max_length tokens (default: the model's context
+    length) are truncated, keeping the chat-template prefix and the last tokens, or refused.
+    checkpoint: save progress periodically and resume (per rank when distributed).
     """
     capturer = Capturer(model, tokenizer, layers=layers, position=position, chat_template=chat_template,
                         batch_size=batch_size, padding_side=padding_side, prefix_cache=prefix_cache,
-                        progress=progress)
+                        progress=progress, max_length=max_length, on_long=on_long)
     total = None
     if hasattr(positive, "__len__") and hasattr(negative, "__len__"):
         total = len(positive) + len(negative)
@@ -388,11 +499,15 @@ def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterab
         rank, world = _rank_and_world()
         positive, negative = itertools.islice(positive, rank, None, world), itertools.islice(negative, rank, None, world)
         total = None if total is None else len(range(rank, total, world))
+        if checkpoint is not None:
+            checkpoint = Checkpoint(checkpoint.path.with_name(f"{checkpoint.path.name}.rank{rank}"),
+                                    checkpoint.every, {**checkpoint.identity, "rank": rank, "world": world},
+                                    checkpoint.resume)
     labeled = itertools.chain(
         ((_check_prompt(prompt, number, "positive "), POSITIVE) for number, prompt in enumerate(positive, 1)),
         ((_check_prompt(prompt, number, "negative "), NEGATIVE) for number, prompt in enumerate(negative, 1)),
     )
-    stats = capturer.run(labeled, n_groups=2, total=total, allow_empty=distributed)
+    stats = capturer.run(labeled, n_groups=2, total=total, allow_empty=distributed, checkpoint=checkpoint)
     if distributed:
         stats.all_reduce()
     for side, name in ((POSITIVE, "positive"), (NEGATIVE, "negative")):

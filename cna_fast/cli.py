@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--csv", help="also write the circuit's neurons as CSV")
     discover.add_argument("--distributed", action="store_true",
                           help="run under torchrun: every rank streams a shard, rank 0 writes the circuit")
+    discover.add_argument("--skip-bad", action="store_true",
+                          help="skip bad records (missing field, empty text, undecodable line) and report them")
+    discover.add_argument("--max-length", type=int, help="token limit per prompt (default: the model's context)")
+    discover.add_argument("--on-long", choices=("truncate", "error"), default="truncate",
+                          help="what to do with longer prompts (truncate keeps the template prefix and the end)")
+    discover.add_argument("--checkpoint-every", type=int, metavar="N",
+                          help="save statistics and stream position every N prompts (to --checkpoint)")
+    discover.add_argument("--checkpoint", help="checkpoint file (default: OUT.checkpoint)")
+    discover.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     _add_discovery_options(discover)
 
     inspect = commands.add_parser("inspect", help="summarize a circuit file")
@@ -158,12 +167,13 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
         top_frac=args.top_frac if args.top_frac is not None else 0.001, position=args.position, score=args.score,
         exclude_layers=args.exclude_layers, chat_template=False if args.no_chat_template else None,
         batch_size=args.batch_size, universal_filter=args.universal_filter, progress=verbose and not args.quiet,
-        distributed=distributed,
+        distributed=distributed, **_stream_options(args),
     )
     elapsed = time.perf_counter() - started
     if verbose:
-        print(f"discovered {len(circuit)} neurons from {len(positive)} + {len(negative)} prompts in {elapsed:.1f} s "
-          f"({(len(positive) + len(negative)) / elapsed:.1f} prompts/s)")
+        total = circuit.meta["n_positive"] + circuit.meta["n_negative"]
+        print(f"discovered {len(circuit)} neurons from {circuit.meta['n_positive']} + {circuit.meta['n_negative']} "
+              f"prompts in {elapsed:.1f} s ({total / elapsed:.1f} prompts/s)")
     return circuit, model, tokenizer
 
 
@@ -193,12 +203,52 @@ def _init_distributed() -> tuple[int, dict | None]:
     return dist.get_rank(), None
 
 
-def run_discover(args) -> None:
-    from .prompts import read_prompts
+def _stream_options(args) -> dict:
+    """Length limit and checkpointing options of `cna discover` (absent for `cna demo`)."""
+    options = {}
+    if getattr(args, "max_length", None) is not None:
+        if args.max_length < 1:
+            raise CNAError(f"--max-length must be at least 1, got {args.max_length}")
+        options["max_length"] = args.max_length
+    if hasattr(args, "on_long"):
+        options["on_long"] = args.on_long
+    if getattr(args, "checkpoint_every", None) is not None or getattr(args, "resume", False):
+        if args.checkpoint_every is not None and args.checkpoint_every < 1:
+            raise CNAError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+        options["checkpoint"] = args.checkpoint or f"{args.out}.checkpoint"
+        options["checkpoint_every"] = args.checkpoint_every or 10_000
+        options["resume"] = args.resume
+        if args.resume and not args.distributed and not os.path.exists(options["checkpoint"]):
+            raise CNAError(f"--resume: no checkpoint at {options['checkpoint']!r}")
+    return options
 
-    positive, negative = read_prompts(args.positive), read_prompts(args.negative)
+
+def _open_prompt_sets(args):
+    """Both prompt files as lazy sources, checked now: each must hold at least one usable prompt."""
+    from .prompts import PromptSource
+
+    sources = []
+    for spec in (args.positive, args.negative):
+        source = PromptSource(spec, skip_bad=args.skip_bad)
+        if next(iter(source), None) is None:
+            raise CNAError(f"prompt file {spec!r} contains no prompts")
+        sources.append(source)
+    return sources
+
+
+def _report_bad_records(sources) -> None:
+    for source in sources:
+        if source.bad:
+            first = source.bad[0]
+            print(f"skipped {len(source.bad)} bad records in {source.spec} (first: line {first.line}, {first.reason})",
+                  file=sys.stderr)
+
+
+def run_discover(args) -> None:
+    positive, negative = _open_prompt_sets(args)
     if not args.distributed:
         circuit, _, _ = _discover(args, args.model, positive, negative)
+        _report_bad_records((positive, negative))
         print(circuit.summary(top=10))
         _save(circuit, args)
         return
@@ -209,6 +259,7 @@ def run_discover(args) -> None:
         circuit, _, _ = _discover(args, args.model, positive, negative, device_map=device_map, distributed=True,
                                   verbose=rank == 0)
         if rank == 0:
+            _report_bad_records((positive, negative))
             print(circuit.summary(top=10))
             _save(circuit, args)
         dist.barrier()

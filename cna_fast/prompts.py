@@ -1,72 +1,179 @@
-"""Prompt sets: read .txt / .jsonl / .csv files, and the sets bundled with the package."""
+"""Prompt sets: files (.txt / .jsonl / .csv) read lazily, Hugging Face datasets, and bundled sets."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 from .errors import CNAError
 
 PROMPT_FIELDS = ("prompt", "text")
 FORMATS = (".txt", ".jsonl", ".csv")
 BUNDLED = ("french_questions", "english_questions", "french_heldout")
+HF_PREFIX = "hf:"
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a file: .txt (one per line), .jsonl (a "prompt" or "text" field) or .csv (a "prompt" column).
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that could not be used: where it is and why."""
 
-    Blank lines are skipped. A missing, unreadable or prompt-less file is a CNAError naming it.
+    line: int
+    reason: str
+
+
+class PromptSource:
+    """A prompt set read lazily, record by record, so its size never matters.
+
+    spec: a .txt file (one prompt per line, blank lines ignored), a .jsonl file (a "prompt" or
+    "text" field), a .csv file (a "prompt" or "text" column), or `hf:NAME:SPLIT:COLUMN` for a
+    Hugging Face dataset (NAME may be a folder written by `save_to_disk`).
+    skip_bad: skip bad records (missing field, empty text, undecodable line) and list them in
+    `bad`; otherwise the first one raises a CNAError naming its line.
     """
-    file = Path(path)
-    suffix = file.suffix.lower()
-    if suffix not in FORMATS:
-        raise CNAError(f"prompt file {str(file)!r} has an unknown extension: use one of {', '.join(FORMATS)}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CNAError(f"prompt file {str(file)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CNAError(f"cannot read prompt file {str(file)!r}: {error}") from None
-    if suffix == ".txt":
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    elif suffix == ".jsonl":
-        prompts = _jsonl_prompts(text, file)
-    else:
-        prompts = _csv_prompts(text, file)
-    if not prompts:
-        raise CNAError(f"prompt file {str(file)!r} contains no prompts")
-    return prompts
 
+    def __init__(self, spec: str | os.PathLike, *, skip_bad: bool = False) -> None:
+        self.spec = str(spec)
+        self.skip_bad = skip_bad
+        self.bad: list[BadRecord] = []
+        if self.spec.startswith(HF_PREFIX):
+            parts = self.spec[len(HF_PREFIX):].rsplit(":", 2)
+            if len(parts) != 3 or not all(parts):
+                raise CNAError(f"{self.spec!r}: write a dataset as hf:NAME:SPLIT:COLUMN, e.g. hf:tatsu-lab/alpaca:train:instruction")
+            self.dataset, self.split, self.column = parts
+            self.path = None
+        else:
+            self.path = Path(self.spec)
+            suffix = self.path.suffix.lower()
+            if suffix not in FORMATS:
+                raise CNAError(f"prompt file {self.spec!r} has an unknown extension: use one of {', '.join(FORMATS)} "
+                               f"or {HF_PREFIX}NAME:SPLIT:COLUMN")
+            if not self.path.is_file():
+                what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
+                raise CNAError(f"prompt file {self.spec!r} {what}")
+            self.suffix = suffix
 
-def _jsonl_prompts(text: str, file: Path) -> list[str]:
-    prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    def __iter__(self) -> Iterator[str]:
+        self.bad = []
+        records = self._dataset_records() if self.path is None else self._file_records()
+        for line, value in records:
+            reason = None
+            if isinstance(value, BadRecord):
+                reason = value.reason
+            elif not isinstance(value, str):
+                reason = f"expected text, got {type(value).__name__}"
+            elif not value.strip():
+                reason = "empty text"
+            if reason is None:
+                yield value
+                continue
+            self.bad.append(BadRecord(line, reason))
+            if not self.skip_bad:
+                raise CNAError(f"{self.spec}:{line}: {reason} (fix the record, or pass --skip-bad / skip_bad=True)")
+
+    def _lines(self, keep_newlines: bool = False) -> Iterator[tuple[int, str | BadRecord]]:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CNAError(f"{file}:{number}: not valid JSON ({error.msg})") from None
-        value = next((record[key] for key in PROMPT_FIELDS if isinstance(record, dict) and key in record), None)
-        if not isinstance(value, str) or not value.strip():
-            raise CNAError(f"{file}:{number}: needs a non-empty string field 'prompt' or 'text'")
-        prompts.append(value)
-    return prompts
+            handle = open(self.path, "rb")
+        except OSError as error:
+            raise CNAError(f"cannot read prompt file {self.spec!r}: {error}") from None
+        with handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                    yield number, line if keep_newlines else line.rstrip("\r\n")
+                except UnicodeDecodeError:
+                    yield number, BadRecord(number, "not valid UTF-8")
+
+    def _file_records(self) -> Iterator[tuple[int, object]]:
+        if self.suffix == ".txt":
+            for number, line in self._lines():
+                if isinstance(line, BadRecord) or line.strip():
+                    yield number, line if isinstance(line, BadRecord) else line.strip()
+        elif self.suffix == ".jsonl":
+            for number, line in self._lines():
+                if isinstance(line, BadRecord):
+                    yield number, line
+                elif line.strip():
+                    yield number, _json_prompt(line)
+        else:
+            yield from self._csv_records()
+
+    def _csv_records(self) -> Iterator[tuple[int, object]]:
+        undecodable: list[int] = []
+
+        def decoded() -> Iterator[str]:
+            for number, line in self._lines(keep_newlines=True):  # quoted fields may span lines
+                if isinstance(line, BadRecord):
+                    undecodable.append(number)
+                    yield ""  # an empty row, reported below with its line number
+                else:
+                    yield line
+
+        reader = csv.reader(decoded())
+        try:
+            header = next(reader, None)
+            column = next((header.index(name) for name in PROMPT_FIELDS if header and name in header), None)
+            if column is None:
+                raise CNAError(f"{self.spec}: needs a 'prompt' (or 'text') column; found columns {header}")
+            for row in reader:
+                while undecodable:
+                    number = undecodable.pop(0)
+                    yield number, BadRecord(number, "not valid UTF-8")
+                if row:
+                    yield reader.line_num, row[column] if column < len(row) else BadRecord(
+                        reader.line_num, "row has no prompt column")
+        except csv.Error as error:
+            raise CNAError(f"{self.spec}:{reader.line_num}: malformed CSV ({error})") from None
+
+    def _dataset_records(self) -> Iterator[tuple[int, object]]:
+        try:
+            import datasets
+        except ImportError:
+            raise CNAError("hf: prompt sources need the datasets package: pip install datasets") from None
+        try:
+            if os.path.isdir(self.dataset):
+                data = datasets.load_from_disk(self.dataset)
+                data = data[self.split] if isinstance(data, datasets.DatasetDict) else data
+            else:
+                data = datasets.load_dataset(self.dataset, split=self.split, streaming=True)
+        except Exception as error:  # datasets raises many types for missing or offline data
+            raise CNAError(f"cannot open dataset {self.dataset!r} split {self.split!r}: {error}. Offline machines "
+                           "need the dataset cached or saved to disk (hf:FOLDER:SPLIT:COLUMN)") from None
+        for number, record in enumerate(data, start=1):
+            yield number, record[self.column] if self.column in record else BadRecord(
+                number, f"no column {self.column!r} (columns: {', '.join(record)})")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the file's bytes (or the dataset spec), to tie checkpoints to their inputs."""
+        if self.path is None:
+            return hashlib.sha256(self.spec.encode()).hexdigest()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
 
-def _csv_prompts(text: str, file: Path) -> list[str]:
-    reader = csv.DictReader(text.splitlines())
-    column = next((name for name in PROMPT_FIELDS if name in (reader.fieldnames or [])), None)
-    if column is None:
-        raise CNAError(f"{file}: needs a 'prompt' (or 'text') column; found columns {reader.fieldnames}")
-    prompts = []
-    for number, row in enumerate(reader, start=2):
-        value = (row.get(column) or "").strip()
-        if not value:
-            raise CNAError(f"{file}:{number}: empty {column!r} value")
-        prompts.append(value)
+def _json_prompt(line: str) -> object:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return BadRecord(0, f"not valid JSON ({error.msg})")
+    if not isinstance(record, dict):
+        return BadRecord(0, "not a JSON object")
+    value = next((record[key] for key in PROMPT_FIELDS if key in record), None)
+    return value if value is not None else BadRecord(0, "no 'prompt' or 'text' field")
+
+
+def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False) -> list[str]:
+    """All prompts of a file or dataset as a list (see PromptSource); an empty set is a CNAError."""
+    prompts = list(PromptSource(path, skip_bad=skip_bad))
+    if not prompts:
+        raise CNAError(f"prompt file {str(path)!r} contains no prompts")
     return prompts
 
 

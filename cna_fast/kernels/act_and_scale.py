@@ -5,12 +5,13 @@ row's table, so one launch serves a batch whose requests carry different circuit
 `scale=None` gives the plain fused act(gate) * up.
 
 Sparse form: `neurons` [k] and `multipliers` [k] or [n_tables, k]. It runs the unscaled fused
-kernel, then `_scale_columns_kernel` rescales only the k circuit columns in place. That is the
-faster choice for circuits (k is ~0.1% of d_ff): the big kernel stays a pure stream of 2 reads and
-1 write, with no per-element scale load and no [n_tables, d_ff] table to build; the fix-up moves
-rows * k elements (under 0.2% of the traffic). Its only cost is a second launch (a few
-microseconds), which matters at decode sizes and is hidden by CUDA graphs. The dense table form
-suits dense scales; benchmarks/kernels.py measures both.
+kernel, then `_scale_columns_kernel` rescales only the k circuit columns in place. For circuits
+(k is ~0.1% of d_ff) that should be the faster choice: the big kernel stays a pure stream of 2
+reads and 1 write, with no per-element scale load and no [n_tables, d_ff] table to build, and the
+fix-up moves rows * k elements (under 0.2% of the traffic). Its cost is a second launch (a few
+microseconds), which matters only at decode sizes. A gather inside the big kernel would instead
+need a per-element search of the k indices or the dense table. Not yet timed on a GPU:
+benchmarks/kernels.py measures the sparse and the dense-table forms side by side.
 
 Index tensors are not range-checked on the Triton path (that would cost a host sync); the kernels
 mask out-of-range indices so memory stays safe, the torch references raise.
@@ -33,7 +34,8 @@ def _check_scale(scale: torch.Tensor | None, table_index: torch.Tensor | None, g
             raise ValueError(f"table_index was given without a {name} table")
         return None
     if not scale.is_floating_point() or scale.device != gate.device:
-        raise ValueError(f"{name} must be a floating-point tensor on {gate.device}, got {scale.dtype} on {scale.device}")
+        raise ValueError(f"{name} must be a floating-point tensor on {gate.device}, got {scale.dtype} on "
+                         f"{scale.device}")
     if scale.dim() == 1 and scale.shape[0] == width:
         if table_index is not None:
             raise ValueError(f"table_index needs a {name} table [n_tables, {width}], got a vector [{width}]")
@@ -110,7 +112,7 @@ def _act_and_scale_kernel(
                                       other=1.0).to(tl.float32)
         else:
             values = values * tl.load(scale_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)[None, :]
-    tl.store(h_ptr + offsets * h_stride + cols[None, :], values.to(h_ptr.dtype.element_ty), mask=mask & (cols[None, :] < n_cols - 1))
+    tl.store(h_ptr + offsets * h_stride + cols[None, :], values.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -138,11 +140,15 @@ def _scale_columns_kernel(
 
 
 def _blocks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
-    """(block_rows, block_cols) of the streaming kernel: ~4k elements per program on GPUs, few programs when interpreted."""
+    """(block_rows, block_cols) of the streaming kernel.
+
+    GPUs: up to 4 rows x 1024 neurons per program with 4 warps, 8 contiguous neurons (16-byte loads)
+    per thread and row, ~100 registers on sm_90. Interpreter: few, big programs (each costs
+    milliseconds). Not yet timed on hardware.
+    """
     if device.type != "cuda" or INTERPRETER:
         return min(next_power_of_2(n_rows), 64), min(next_power_of_2(n_cols), 2048)
-    block_rows = min(next_power_of_2(n_rows), 4)
-    return block_rows, min(next_power_of_2(n_cols), 4096 // block_rows)
+    return min(next_power_of_2(n_rows), 4), min(next_power_of_2(n_cols), 1024)
 
 
 def act_and_scale_triton(gate: torch.Tensor, up: torch.Tensor | None, activation: str, scale: torch.Tensor | None,
@@ -167,7 +173,7 @@ def act_and_scale_triton(gate: torch.Tensor, up: torch.Tensor | None, activation
         gate.stride(0), gate.stride(0) if up is None else up.stride(0), scale.stride(0) if tables else 0,
         h.stride(0),
         KIND=kind, HAS_UP=up is not None, HAS_SCALE=scale is not None, HAS_TABLE=tables,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=4,
     )
     return h
 

@@ -35,7 +35,8 @@ class LayerMoments:
     m2: torch.Tensor
 
     @classmethod
-    def zeros(cls, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "LayerMoments":
+    def zeros(cls, width: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> "LayerMoments":
         mean = torch.zeros(2, width, dtype=dtype, device=device)
         return cls(torch.zeros(2, dtype=dtype, device=device), mean, torch.zeros_like(mean))
 
@@ -102,7 +103,8 @@ def _check_activation_module(mlp: nn.Module, kind: str) -> None:
 
 
 @contextmanager
-def _patched_forwards(model: nn.Module, forwards: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+def _patched_forwards(model: nn.Module,
+                      forwards: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """Replace each layer's MLP forward for the duration of the block; restore the exact previous state."""
     adapter = get_adapter(model)
     missing = object()
@@ -145,6 +147,9 @@ def patched_capture(model: nn.Module, stats_per_layer: Mapping[int, LayerMoments
         if moments.mean.shape != (2, adapter.widths[layer]):
             raise CNAError(f"layer {layer} has {adapter.widths[layer]} neurons; its statistics have shape "
                            f"{list(moments.mean.shape)}")
+        if moments.mean.device != adapter.layer_device(layer):
+            raise CNAError(f"layer {layer}'s statistics must be on its device {adapter.layer_device(layer)}, "
+                           f"not {moments.mean.device}")
 
     def capture_forward(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         fused, moments = FusedMLP.from_adapter(adapter, layer), stats_per_layer[layer]
@@ -187,7 +192,7 @@ def patched_scale(model: nn.Module, layer_scales: Mapping[int, LayerScale],
         fused, width, device = FusedMLP.from_adapter(adapter, layer), adapter.widths[layer], adapter.layer_device(layer)
         if isinstance(scale, torch.Tensor):
             neurons, factors = None, scale.to(device, torch.float32)
-            if factors.shape[-1] != width or factors.dim() not in (1, 2):
+            if factors.dim() not in (1, 2) or factors.shape[-1] != width:
                 raise CNAError(f"layer {layer}'s scale must be [{width}] or [n_tables, {width}], "
                                f"got {list(factors.shape)}")
         else:
