@@ -26,7 +26,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-if CUDA:  # benchmarks/__init__.py turns Triton's CPU interpreter on for the CPU suites; compile here
+if CUDA:  # the CPU test and benchmark suites turn Triton's interpreter on; real kernels compile here
     os.environ["TRITON_INTERPRET"] = "0"
 
 from cna_fast.kernels import (act_and_capture_torch, act_and_capture_triton, act_and_scale_sparse_torch,  # noqa: E402

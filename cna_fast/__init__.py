@@ -1,14 +1,18 @@
 """cna_fast: fast Contrastive Neuron Attribution.
 
 Find the few MLP neurons whose activations separate two prompt sets, then steer a model by scaling
-exactly those neurons. Data flows one way: prompts -> capture -> stats -> attribution -> circuit.
+exactly those neurons. Data flows one way: prompts -> capture -> stats -> attribution -> circuit
+-> steering -> evaluate; each stage is a module usable on its own.
 """
 from .errors import CircuitMismatchError, CNAError, UnsupportedArchitectureError
 from .models import get_adapter, load_model
+from .prompts import PromptSource, bundled_prompts, read_prompts
 from .stats import NeuronStats
 from .capture import capture_contrast
 from .circuit import Circuit
-from .attribution import discover, score_neurons, select_neurons
+from .attribution import attribute, discover, score_neurons, select_neurons
+from .steering import caa, generate, steer
+from .export import export_folded, export_lora
 
 __version__ = "0.1.0"
 
@@ -17,11 +21,20 @@ __all__ = [
     "Circuit",
     "CircuitMismatchError",
     "NeuronStats",
+    "PromptSource",
     "UnsupportedArchitectureError",
+    "attribute",
+    "bundled_prompts",
+    "caa",
     "capture_contrast",
     "discover",
+    "export_folded",
+    "export_lora",
+    "generate",
     "get_adapter",
     "load_model",
+    "read_prompts",
     "score_neurons",
     "select_neurons",
+    "steer",
 ]

@@ -220,8 +220,33 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         "cna_fast_version": _version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded, universal=universal,
-                     total_neurons=adapter.num_neurons, meta=meta)
+    circuit = attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
+                        universal=universal, total_neurons=adapter.num_neurons, meta=meta)
+    circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)
+    return circuit
+
+
+def mlp_output_directions(model, stats: NeuronStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per captured layer, mean(positive) - mean(negative) of the MLP output: the CAA steering vector.
+
+    The down projection is affine, so the difference of output means is the down projection of
+    the difference of neuron means (minus its bias): no extra capture is needed, and quantized
+    layers are handled by running the layer itself on [delta, 0].
+    """
+    adapter = get_adapter(model)
+    directions = []
+    with torch.no_grad():
+        for row, layer in enumerate(stats.layers):
+            down = adapter.neuron_site(layer)
+            weight = next(p for p in down.parameters())
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            delta = (stats.mean[row, POSITIVE] - stats.mean[row, NEGATIVE]).to(weight.device)
+            probe = torch.stack([delta, torch.zeros_like(delta)]).to(dtype)
+            if hasattr(weight, "quant_state") and weight.quant_state is not None:
+                probe = probe.to(weight.quant_state.dtype)
+            output = down(probe).float()
+            directions.append((output[0] - output[1]).cpu())
+    return torch.tensor(stats.layers, dtype=torch.int64), torch.stack(directions)
 
 
 def inputs_fingerprint(prompts) -> str:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CNAError
+from .kernels import LayerMoments, backend_for, patched_capture
 from .models import get_adapter
 from .stats import NEGATIVE, POSITIVE, NeuronStats, batch_moments
 
@@ -112,10 +113,12 @@ def pad_batch(sequences: Sequence[Sequence[int]], labels: Sequence[int], pad_id:
 class _Recorder:
     """Forward pre-hooks on the neuron sites: reduce each layer's activations to sample rows."""
 
-    def __init__(self, adapter, layers: Sequence[int], position: str) -> None:
+    def __init__(self, adapter, layers: Sequence[int], position: str, record: bool = True) -> None:
+        """record=False only stops the forward after the last layer (the fused kernels capture)."""
         self.adapter = adapter
         self.layers = list(layers)
         self.position = position
+        self.record = record
         self.last_layer = max(self.layers)
         self.rows: list[torch.Tensor | None] = [None] * len(self.layers)
         self.batch: Batch | None = None
@@ -129,7 +132,7 @@ class _Recorder:
         for slot, layer in enumerate(self.layers):
             hook = self._make_hook(slot, stop=layer == self.last_layer)
             self._handles.append(self.adapter.neuron_site(layer).register_forward_pre_hook(hook))
-        if self.position == "last":
+        if self.position == "last" and self.record:
             mlp = self.adapter.mlp(self.last_layer)
             self._handles.append(mlp.register_forward_pre_hook(self._keep_last_tokens))
         return self
@@ -155,7 +158,8 @@ class _Recorder:
 
     def _make_hook(self, slot: int, stop: bool):
         def hook(module, args):
-            self.rows[slot] = self._reduce(slot, args[0])
+            if self.record or self.record_prefix:
+                self.rows[slot] = self._reduce(slot, args[0])
             if stop:
                 raise _StopForward
 
@@ -270,6 +274,12 @@ class Capturer:
                            "chat-template prefix")
         self.truncated = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # The fused Triton kernel folds token rows into two-sided moments inside the MLP (CUDA, or
+        # forced with CNA_FAST_BACKEND=triton); per-prompt means ("mean") take the hook path.
+        probe = next(self.adapter.neuron_site(self.layers[0]).parameters())
+        self.fused = self.position in ("last", "all") and backend_for(probe) == "triton"
+        if self.fused and self.position == "all":
+            self.prefix = []  # the fused path captures every token of full sequences
         self.input_device = self.adapter.body.get_input_embeddings().weight.device
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._prefix_rows: list[torch.Tensor] | None = None
@@ -293,14 +303,15 @@ class Capturer:
         if stats is not None and (stats.layers != self.layers or stats.n_groups != n_groups):
             raise CNAError(f"statistics cover layers {stats.layers} and {stats.n_groups} groups; this capture "
                            f"covers layers {self.layers} and {n_groups} groups")
-        parts = self._stats_per_device(n_groups, stats)
+        fused = self.fused and n_groups == 2
+        parts = self._moments_per_layer(stats) if fused else self._stats_per_device(n_groups, stats)
         stream = iter(labeled)
         if consumed and len(list(itertools.islice(stream, consumed))) < consumed:
             raise CNAError(f"the checkpoint covers {consumed} prompts but the inputs have fewer")
         seen, since_save = consumed, 0
         self.truncated = 0
         bar = tqdm(total=total, initial=consumed, desc="capture", unit="prompt", disable=not self.progress)
-        with torch.inference_mode(), _Recorder(self.adapter, self.layers, self.position) as recorder:
+        with torch.inference_mode(), _Recorder(self.adapter, self.layers, self.position, record=not fused) as recorder:
             for window in _windows(stream, self.batch_size * _WINDOW_BATCHES):
                 prompts = [_check_prompt(prompt, seen + i + 1) for i, (prompt, _) in enumerate(window)]
                 for _, label in window:
@@ -309,12 +320,12 @@ class Capturer:
                 encoded = [self._fit(ids, seen + i + 1)
                            for i, ids in enumerate(encode_prompts(self.tokenizer, prompts, self.chat_template))]
                 for batch in self._batches(encoded, [label for _, label in window]):
-                    self._run_batch(recorder, parts, *batch)
+                    (self._run_batch_fused if fused else self._run_batch)(recorder, parts, *batch)
                     bar.update(len(batch[0]))
                 seen += len(window)
                 since_save += len(window)
                 if checkpoint is not None and since_save >= checkpoint.every:
-                    checkpoint.save(NeuronStats.concat([part for _, part in parts]), seen)
+                    checkpoint.save(self._gather(parts), seen)
                     since_save = 0
         bar.close()
         if seen == 0 and not allow_empty:
@@ -323,10 +334,34 @@ class Capturer:
             warnings.warn(f"{self.truncated} prompts were longer than {self.max_length} tokens and were truncated "
                           "(kept the chat-template prefix and the last tokens); set max_length or on_long='error'",
                           stacklevel=2)
-        gathered = NeuronStats.concat([part for _, part in parts])
+        gathered = self._gather(parts)
         if checkpoint is not None:
             checkpoint.save(gathered, seen)
         return gathered
+
+    def _gather(self, parts) -> NeuronStats:
+        """All layers' statistics as one NeuronStats on the CPU."""
+        if isinstance(parts, dict):  # fused: LayerMoments per layer
+            first = parts[self.layers[0]]
+            stats = NeuronStats(self.layers, self.adapter.d_ff, 2)
+            stats.count = first.count.detach().cpu().to(torch.float64)
+            stats.mean = torch.stack([parts[layer].mean.cpu() for layer in self.layers]).to(torch.float64)
+            stats.m2 = torch.stack([parts[layer].m2.cpu() for layer in self.layers]).to(torch.float64)
+            return stats
+        return NeuronStats.concat([part for _, part in parts])
+
+    def _moments_per_layer(self, initial: NeuronStats | None) -> dict[int, LayerMoments]:
+        """float64 moments for the fused kernel, one per layer on that layer's device."""
+        moments = {}
+        for slot, layer in enumerate(self.layers):
+            device = self.adapter.layer_device(layer)
+            state = LayerMoments.zeros(self.adapter.d_ff, device=device, dtype=torch.float64)
+            if initial is not None:
+                state.count.copy_(initial.count)
+                state.mean.copy_(initial.mean[slot])
+                state.m2.copy_(initial.m2[slot])
+            moments[layer] = state
+        return moments
 
     def _fit(self, ids: list[int], number: int) -> list[int]:
         """Apply the length limit: truncate (keep the shared prefix and the last tokens) or refuse."""
@@ -394,7 +429,8 @@ class Capturer:
             recorder.record_prefix = False
         self._prefix_kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None)
                            for layer in cache.layers]
-        self._prefix_rows = [rows.clone() for rows in recorder.rows]
+        if self.position in ("all", "mean"):
+            self._prefix_rows = [rows.clone() for rows in recorder.rows]
 
     def _prefix_cache_for(self, batch_rows: int):
         from transformers import DynamicCache
@@ -403,8 +439,22 @@ class Capturer:
                 for k, v in self._prefix_kv]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
-    def _run_batch(self, recorder: _Recorder, parts: list[tuple[list[int], NeuronStats]], sequences, labels,
-                   use_prefix: bool) -> None:
+    def _run_batch_fused(self, recorder: _Recorder, moments: dict[int, LayerMoments], sequences, labels,
+                         use_prefix: bool) -> None:
+        """One batch through MLPs patched with the fused activation+capture kernel."""
+        batch, full, cache = self._prepare_batch(recorder, sequences, labels, use_prefix)
+        token_labels = torch.full(batch.attention_mask.shape, -1, dtype=torch.long)
+        if self.position == "last":
+            rows = torch.arange(len(sequences))
+            last = batch.lengths - 1 if batch.padding_side == "right" else torch.full_like(batch.lengths, -1)
+            token_labels[rows, last] = batch.labels
+        else:
+            token_labels = torch.where(batch.attention_mask.bool(), batch.labels[:, None], token_labels)
+        with patched_capture(self.model, moments, labels=lambda: token_labels):
+            self._forward(full, cache)
+
+    def _prepare_batch(self, recorder: _Recorder, sequences, labels, use_prefix: bool):
+        """Pad a batch; returns it, the model inputs (prefix included in the mask) and the prefix cache."""
         cache = None
         offset = 0
         if use_prefix:
@@ -425,8 +475,13 @@ class Capturer:
         recorder.prefix_length = offset if self.position == "mean" else 0
         recorder.prefix_sums = ([rows.sum(0) for rows in self._prefix_rows]
                                 if use_prefix and self.position == "mean" else None)
-        self._forward(Batch(batch.input_ids, full_mask, batch.position_ids, batch.labels, batch.lengths,
-                            batch.padding_side), cache)
+        full = Batch(batch.input_ids, full_mask, batch.position_ids, batch.labels, batch.lengths, batch.padding_side)
+        return batch, full, cache
+
+    def _run_batch(self, recorder: _Recorder, parts: list[tuple[list[int], NeuronStats]], sequences, labels,
+                   use_prefix: bool) -> None:
+        batch, full, cache = self._prepare_batch(recorder, sequences, labels, use_prefix)
+        self._forward(full, cache)
         row_labels = batch.labels
         if self.position == "all":
             row_labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]

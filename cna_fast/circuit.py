@@ -37,6 +37,8 @@ class Circuit:
     std_positive: torch.Tensor
     std_negative: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    caa_layers: torch.Tensor | None = None
+    caa_directions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.layers = torch.as_tensor(self.layers, dtype=torch.int64).cpu()
@@ -49,6 +51,14 @@ class Circuit:
             setattr(self, name, value)
         if self.neurons.shape != (size,):
             raise CNAError(f"circuit has {size} layer entries but {self.neurons.numel()} neuron entries")
+        if (self.caa_layers is None) != (self.caa_directions is None):
+            raise CNAError("caa_layers and caa_directions come together")
+        if self.caa_layers is not None:
+            self.caa_layers = torch.as_tensor(self.caa_layers, dtype=torch.int64).cpu()
+            self.caa_directions = torch.as_tensor(self.caa_directions, dtype=torch.float32).cpu()
+            if self.caa_directions.dim() != 2 or self.caa_directions.shape[0] != self.caa_layers.numel():
+                raise CNAError(f"caa_directions must be [{self.caa_layers.numel()}, d_model], "
+                               f"got {list(self.caa_directions.shape)}")
 
     def __len__(self) -> int:
         return self.layers.numel()
@@ -118,6 +128,25 @@ class Circuit:
             lines.append(f"  {record['rank']:4d} {record['layer']:5d} {record['neuron']:6d} {values}")
         return "\n".join(lines)
 
+    def random_like(self, seed: int = 0) -> "Circuit":
+        """A control circuit: as many neurons in each layer as this one, drawn at random among the others."""
+        width = self.fingerprint.get("d_ff")
+        if not isinstance(width, int):
+            raise CNAError("a random control circuit needs the circuit's fingerprint (uniform d_ff)")
+        generator = torch.Generator().manual_seed(seed)
+        layers, neurons = [], []
+        for layer, members in self.by_layer().items():
+            candidates = torch.ones(width, dtype=torch.bool)
+            candidates[members] = False
+            pool = candidates.nonzero().flatten()
+            chosen = pool[torch.randperm(pool.numel(), generator=generator)[:members.numel()]]
+            layers += [layer] * members.numel()
+            neurons += chosen.tolist()
+        nan = torch.full((len(layers),), float("nan"))
+        meta = {**self.meta, "random_control": {"seed": seed}}
+        return Circuit(layers=layers, neurons=neurons, scores=nan, deltas=nan, mean_positive=nan, mean_negative=nan,
+                       std_positive=nan, std_negative=nan, meta=meta)
+
     def records(self) -> list[dict[str, Any]]:
         """One dict per neuron, in rank order."""
         columns = {name: getattr(self, name).tolist() for name in _PER_NEURON}
@@ -131,6 +160,8 @@ class Circuit:
         """Write as safetensors (tensors + JSON metadata), atomically."""
         tensors = {"layers": self.layers.contiguous(), "neurons": self.neurons.contiguous()}
         tensors.update({name: getattr(self, name).contiguous() for name in _PER_NEURON})
+        if self.caa_layers is not None:
+            tensors.update(caa_layers=self.caa_layers.contiguous(), caa_directions=self.caa_directions.contiguous())
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": _FORMAT, "meta": json.dumps(self.meta, sort_keys=True)})
 

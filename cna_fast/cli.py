@@ -138,10 +138,27 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
+    evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
+    evaluate.add_argument("--circuit", required=True)
+    evaluate.add_argument("--prompts", required=True, help="prompts whose answers show the behavior")
+    evaluate.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
+    evaluate.add_argument("--baseline", default="caa,random", help="comma-separated: caa, random (or 'none')")
+    evaluate.add_argument("--behavior", choices=("refusal", "french", "english"), default="refusal",
+                          help="what counts as the behavior in an answer")
+    evaluate.add_argument("--csv", help="metrics per method and strength as CSV")
+    evaluate.add_argument("--json", help="metrics and every generation as JSON")
+    evaluate.add_argument("--plot", help="PNG: behavior, quality and KL against strength, and the layer distribution")
+    evaluate.add_argument("--html", help="an HTML report with the plot, the table and sample generations")
+    _add_generation_options(evaluate)
+
     demo = commands.add_parser("demo", help="French-vs-English discovery on the embedded default model")
     demo.add_argument("--out", help="also save the circuit here")
     demo.add_argument("--held-out", type=int, default=16, help="held-out French questions to steer")
     demo.add_argument("--skip-steering", action="store_true", help="discovery only, no generation")
+    demo.add_argument("--evaluate", action="store_true",
+                      help="also sweep multipliers 0,0.5,1,2 on the held-out questions: CNA vs CAA vs random")
+    demo.add_argument("--plot", help="with --evaluate: PNG of French-answer rate, quality and KL against strength")
+    demo.add_argument("--csv", help="with --evaluate: the metrics as CSV")
     _add_discovery_options(demo)
     return parser
 
@@ -157,7 +174,7 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
         raise CNAError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_frac is not None and not 0 < args.top_frac <= 1:
         raise CNAError(f"--top-frac must be in (0, 1], got {args.top_frac}")
-    for path in (getattr(args, "out", None), getattr(args, "json", None), getattr(args, "csv", None)):
+    for path in (args.out, getattr(args, "json", None), getattr(args, "csv", None)):
         if path:
             _check_output(path)
     model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=device_map)
@@ -177,11 +194,12 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
     return circuit, model, tokenizer
 
 
-def _save(circuit, args) -> None:
-    if getattr(args, "out", None):
-        circuit.save(args.out)
-        print(f"wrote {args.out}")
-    for path, writer in ((getattr(args, "json", None), circuit.to_json), (getattr(args, "csv", None), circuit.to_csv)):
+def _save(circuit, out: str | None, as_json: str | None = None, as_csv: str | None = None) -> None:
+    """Write the circuit file and, if asked, its JSON and CSV views."""
+    if out:
+        circuit.save(out)
+        print(f"wrote {out}")
+    for path, writer in ((as_json, circuit.to_json), (as_csv, circuit.to_csv)):
         if path:
             writer(path)
             print(f"wrote {path}")
@@ -250,7 +268,7 @@ def run_discover(args) -> None:
         circuit, _, _ = _discover(args, args.model, positive, negative)
         _report_bad_records((positive, negative))
         print(circuit.summary(top=10))
-        _save(circuit, args)
+        _save(circuit, args.out, args.json, args.csv)
         return
     import torch.distributed as dist
 
@@ -261,7 +279,7 @@ def run_discover(args) -> None:
         if rank == 0:
             _report_bad_records((positive, negative))
             print(circuit.summary(top=10))
-            _save(circuit, args)
+            _save(circuit, args.out, args.json, args.csv)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -396,6 +414,54 @@ def _write_rows(path: str, rows: list[dict]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def run_eval(args) -> None:
+    import json
+
+    from ._io import write_text_atomic
+    from .evaluate import sweep
+    from .prompts import read_prompts
+
+    baselines = [] if args.baseline.strip() == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in ("caa", "random")]
+    if unknown:
+        raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, or none")
+    prompts = read_prompts(args.prompts)
+    for path in (args.csv, args.json, args.plot, args.html):
+        if path:
+            _check_output(path)
+    settings = _generation_settings(args)
+    circuit, model, tokenizer = _load_with_circuit(args)
+    torch_seed(args.seed)
+    result = sweep(model, tokenizer, circuit, prompts, args.multipliers, methods=["cna", *baselines],
+                   behavior=args.behavior, max_new_tokens=settings["max_new_tokens"],
+                   batch_size=settings["batch_size"], seed=args.seed, progress=settings["progress"])
+    print(f"behavior: {args.behavior}; {len(prompts)} prompts; strength = multiplier for CNA and random, "
+          "alpha = strength - 1 for CAA")
+    print(result.table())
+    if args.csv:
+        _write_rows(args.csv, result.metrics)
+        print(f"wrote {args.csv}")
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"behavior": args.behavior, "metrics": result.metrics,
+                                                 "generations": result.generations}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot or args.html:
+        from .plotting import plot_evaluation, write_html_report
+
+        if args.plot:
+            plot_evaluation(result, circuit, args.plot, behavior=args.behavior)
+            print(f"wrote {args.plot}")
+        if args.html:
+            write_html_report(result, circuit, args.html, behavior=args.behavior)
+            print(f"wrote {args.html}")
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
 def run_export(args) -> None:
     from .circuit import Circuit
     from .export import export_folded, export_lora
@@ -417,13 +483,17 @@ def run_demo(args) -> None:
     from .evaluate import language_rate
     from .prompts import bundled_prompts
 
+    for path in (args.plot, args.csv):
+        if path:
+            _check_output(path)
+
     french, english = bundled_prompts("french_questions"), bundled_prompts("english_questions")
     print(f"French-vs-English discovery on the embedded default model ({len(french)} + {len(english)} "
           "bundled questions)")
     circuit, model, tokenizer = _discover(args, None, french, english)
     print(circuit.summary(top=15))
     print("\npositive deltas fire more on French questions; negative ones more on English questions.")
-    _save(circuit, args)
+    _save(circuit, args.out)
     if args.skip_steering:
         return
     held_out = bundled_prompts("french_heldout")[:args.held_out]
@@ -436,13 +506,35 @@ def run_demo(args) -> None:
         print(_side_by_side("baseline", base, "circuit ablated (x0)", new))
     print(f"\nanswers in French: baseline {language_rate(baseline, 'fr'):.0%}, ablated {language_rate(ablated, 'fr'):.0%}"
           f"; in English: baseline {language_rate(baseline, 'en'):.0%}, ablated {language_rate(ablated, 'en'):.0%}")
+    if args.evaluate:
+        _demo_evaluation(args, model, tokenizer, circuit)
+
+
+def _demo_evaluation(args, model, tokenizer, circuit) -> None:
+    from .evaluate import sweep
+    from .prompts import bundled_prompts
+
+    held_out = bundled_prompts("french_heldout")
+    print(f"\nevaluation on {len(held_out)} held-out French questions (behavior = answer in French), "
+          "strength = multiplier for CNA and random, alpha = strength - 1 for CAA:")
+    result = sweep(model, tokenizer, circuit, held_out, [0.0, 0.5, 1.0, 2.0], behavior="french", max_new_tokens=40,
+                   batch_size=32, progress=not args.quiet)
+    print(result.table())
+    if args.csv:
+        _write_rows(args.csv, result.metrics)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        from .plotting import plot_evaluation
+
+        plot_evaluation(result, circuit, args.plot, behavior="French-answer")
+        print(f"wrote {args.plot}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cna`; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
-                "export": run_export, "demo": run_demo}
+                "export": run_export, "eval": run_eval, "demo": run_demo}
     try:
         handlers[args.command](args)
     except CNAError as error:

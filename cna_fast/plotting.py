@@ -60,3 +60,75 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
+
+
+_METHOD_STYLE = {"cna": ("o-", "#c44e52", "CNA (circuit)"), "caa": ("s--", "#4c72b0", "CAA (residual)"),
+                 "random": ("^:", "#8c8c8c", "random circuit")}
+
+
+def _evaluation_figure(result, circuit: Circuit, behavior: str):
+    plt = _pyplot()
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    panels = ((axes[0][0], "behavior_rate", f"{behavior} rate"), (axes[0][1], "quality", "quality (1 - repeated 4-grams)"),
+              (axes[1][0], "kl", "next-token KL vs unsteered (nats)"))
+    for axis, key, label in panels:
+        for method in dict.fromkeys(row["method"] for row in result.metrics):
+            rows = [row for row in result.metrics if row["method"] == method]
+            style, colour, name = _METHOD_STYLE[method]
+            axis.plot([row["strength"] for row in rows], [row[key] for row in rows], style, color=colour, label=name)
+        axis.set_xlabel("strength (multiplier; CAA alpha = strength - 1)")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    counts = circuit.layer_counts()
+    axes[1][1].bar(range(len(counts)), counts, color="#c44e52")
+    axes[1][1].set_xlabel("layer")
+    axes[1][1].set_ylabel("circuit neurons")
+    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)}-neuron circuit vs baselines")
+    return plt, figure
+
+
+def plot_evaluation(result, circuit: Circuit, path: str | os.PathLike, behavior: str = "behavior") -> None:
+    """Behavior rate, quality and KL against strength for each method, and the circuit's layers."""
+    plt, figure = _evaluation_figure(result, circuit, behavior)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
+def write_html_report(result, circuit: Circuit, path: str | os.PathLike, behavior: str = "behavior",
+                      samples: int = 3) -> None:
+    """A self-contained HTML page: the plot (embedded), the metrics table and sample generations."""
+    import base64
+    import html
+    import io
+
+    from ._io import write_text_atomic
+
+    plt, figure = _evaluation_figure(result, circuit, behavior)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    columns = ["method", "strength", "behavior_rate", "quality", "kl", "perplexity", "mc_accuracy"]
+    table = "".join("<tr>" + "".join(f"<td>{html.escape(f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]))}</td>"
+                                     for c in columns) + "</tr>" for row in result.metrics)
+    shown: dict[tuple, int] = {}
+    examples = []
+    for item in result.generations:
+        key = (item["method"], item["strength"])
+        if shown.get(key, 0) < samples:
+            shown[key] = shown.get(key, 0) + 1
+            examples.append(f"<tr><td>{item['method']}</td><td>{item['strength']:g}</td>"
+                            f"<td>{html.escape(item['prompt'])}</td><td>{html.escape(item['output'])}</td></tr>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cna_fast evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head><body>
+<h1>{html.escape(str(circuit.meta.get('model', '')))}: {len(circuit)}-neuron circuit</h1>
+<p>Behavior: {html.escape(behavior)}. Strength is the multiplier for CNA and the random circuit; CAA adds
+(strength - 1) times the MLP-output difference, so strength 1 is the unsteered model for every method.</p>
+<img src="data:image/png;base64,{image}" style="max-width:100%">
+<h2>Metrics</h2><table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{table}</table>
+<h2>Sample generations</h2><table><tr><th>method</th><th>strength</th><th>prompt</th><th>output</th></tr>
+{''.join(examples)}</table></body></html>
+"""
+    write_text_atomic(path, page)

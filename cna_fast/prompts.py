@@ -183,3 +183,36 @@ def bundled_prompts(name: str) -> list[str]:
         raise CNAError(f"unknown bundled prompt set {name!r}: choose one of {', '.join(BUNDLED)}")
     text = resources.files("cna_fast").joinpath(f"data/{name}.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
+
+
+# Public prompt sets of the paper's evaluations: (dataset, config, split, column).
+BENCHMARK_DATASETS = {
+    "jbb-harmful": ("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "Goal"),
+    "jbb-benign": ("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "Goal"),
+    "advbench": ("walledai/AdvBench", None, "train", "prompt"),
+    "alpaca": ("tatsu-lab/alpaca", None, "train", "instruction"),
+}
+
+
+def load_benchmark(name: str, limit: int | None = None) -> list[str]:
+    """Prompts of JBB-Behaviors (harmful/benign), AdvBench or harmless Alpaca (instructions without input).
+
+    Needs the `datasets` package and network access or a Hugging Face cache with the dataset.
+    """
+    if name not in BENCHMARK_DATASETS:
+        raise CNAError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHMARK_DATASETS)}")
+    try:
+        import datasets
+    except ImportError:
+        raise CNAError("benchmark datasets need the datasets package: pip install datasets") from None
+    path, config, split, column = BENCHMARK_DATASETS[name]
+    try:
+        data = datasets.load_dataset(path, config, split=split)
+    except Exception as error:  # offline, missing cache, gated dataset: datasets raises many types
+        raise CNAError(f"cannot load {name} ({path}): {type(error).__name__}: {str(error)[:200]}. This needs "
+                       "network access or the dataset in the Hugging Face cache; offline, use local prompt files "
+                       "or hf:FOLDER:SPLIT:COLUMN for a dataset saved with save_to_disk") from None
+    if name == "alpaca":
+        data = data.filter(lambda record: not record["input"])
+    prompts = [text for text in data[column] if isinstance(text, str) and text.strip()]
+    return prompts[:limit] if limit is not None else prompts

@@ -7,15 +7,17 @@ carry a whole multiplier sweep or requests with different steering.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
 
 from .circuit import Circuit
 from .errors import CNAError
+from .kernels import backend_for, patched_scale
 from .models import get_adapter
 
 POSITION_MODES = ("all", "prompt", "generated")
@@ -95,11 +97,44 @@ class Steering:
         self._prompt_length = 0  # tokens of the current forward's prompt (positions="prompt"/"generated")
         self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
         self._previous_ids: torch.Tensor | None = None
-        self._handles = [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
-                         for layer in self.layers]
-        if positions != "all":
-            self._handles.append(adapter.body.register_forward_pre_hook(self._track_phase, with_kwargs=True))
+        self._handles = []
+        self._fused = contextlib.ExitStack()
+        probe = next(adapter.neuron_site(next(iter(self.layers))).parameters())
+        # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel,
+        # unless positions are restricted or another fused steering already patches the MLPs.
+        self.fused = positions == "all" and backend_for(probe) == "triton" and not any(o.fused for o in active)
+        try:
+            if self.fused:
+                self._enter_fused(model)
+            else:
+                self._handles = [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
+                                 for layer in self.layers]
+            if positions != "all":
+                self._handles.append(adapter.body.register_forward_pre_hook(self._track_phase, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
         active.append(self)
+
+    def _enter_fused(self, model: nn.Module) -> None:
+        """Patch the circuit layers' MLPs with act_and_scale_sparse; per-row tables index by batch row."""
+        scales = {layer: (entry.neurons, entry.scale) for layer, entry in self.layers.items()}
+        if self.multipliers.dim() == 2:
+            rows = self.multipliers.shape[0]
+            self._handles.append(get_adapter(model).body.register_forward_pre_hook(
+                lambda module, args, kwargs: self._check_rows(rows, args, kwargs), with_kwargs=True))
+            table = torch.arange(rows)
+            self._fused.enter_context(patched_scale(model, scales, table_index=lambda: table))
+        else:
+            self._fused.enter_context(patched_scale(model, scales))
+
+    @staticmethod
+    def _check_rows(rows: int, args, kwargs) -> None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
+        if inputs is not None and inputs.shape[0] != rows:
+            raise CNAError(f"per-row multipliers have {rows} rows but the batch has {inputs.shape[0]}: pass "
+                           "multipliers of shape [batch, n_circuits]")
 
     def _layer_scales(self) -> dict[int, _LayerScale]:
         """Merge all circuits per layer: a neuron in several circuits gets the product of their multipliers."""
@@ -162,10 +197,11 @@ class Steering:
         return hook
 
     def remove(self) -> None:
-        """Remove the hooks; the model is exactly as before."""
+        """Remove the hooks (and fused MLP patches); the model is exactly as before."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._fused.close()
         active = _active(self.model)
         if self in active:
             active.remove(self)
@@ -213,12 +249,15 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
              circuit: Circuit | Sequence[Circuit] | None = None, multiplier: float = 0.0,
              multipliers: Sequence[float] | torch.Tensor | None = None, positions: str = "all",
              max_new_tokens: int = 64, batch_size: int = 16, chat_template: bool | str | None = None,
-             do_sample: bool = False, progress: bool = True, **generate_kwargs) -> list[str]:
+             do_sample: bool = False, progress: bool = True,
+             batch_context: Callable[[list[int]], ContextManager] | None = None, **generate_kwargs) -> list[str]:
     """Generate a completion per prompt, optionally steered; returns the new text in input order.
 
     Prompts go through the chat template (when the tokenizer has one and chat_template is not
     False), are sorted by length and left-padded in batches of `batch_size`.
     multipliers: [n_circuits], or [len(prompts), n_circuits] for a different steering per prompt.
+    batch_context: called with each batch's prompt indices; the context it returns wraps that
+    batch's generation (e.g. a per-row CAA baseline).
     Extra keyword arguments go to `model.generate` (temperature, top_p, ...).
     """
     from tqdm.auto import tqdm
@@ -253,8 +292,9 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
                 per_row = _rows_for(table, rows)
                 handle = steer(model, circuits, multipliers=per_row, positions=positions) if per_row is not None \
                     else None
+                extra = batch_context(rows) if batch_context is not None else contextlib.nullcontext()
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), extra:
                         generated = model.generate(
                             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                             max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
@@ -270,3 +310,59 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
         if shared is not None:
             shared.remove()
     return outputs
+
+
+class AddDirections:
+    """CAA baseline: add `alpha * direction[layer]` to the MLP output of each listed layer, at every position.
+
+    alpha: one factor, or [batch] factors (one per row). alpha 0 is the identity.
+    """
+
+    def __init__(self, model: nn.Module, layers: torch.Tensor, directions: torch.Tensor,
+                 alpha: float | torch.Tensor) -> None:
+        alpha = torch.as_tensor(alpha, dtype=torch.float32).detach().cpu()
+        if alpha.dim() > 1 or not torch.isfinite(alpha).all():
+            raise CNAError("alpha must be a finite number or a [batch] vector of finite numbers")
+        adapter = get_adapter(model)
+        self._handles = []
+        for layer, direction in zip(layers.tolist(), directions):
+            if not 0 <= layer < adapter.num_layers:
+                raise CNAError(f"CAA direction for layer {layer}, but the model has {adapter.num_layers} layers")
+            self._handles.append(adapter.neuron_site(layer).register_forward_hook(self._make_hook(direction, alpha)))
+
+    @staticmethod
+    def _make_hook(direction: torch.Tensor, alpha: torch.Tensor):
+        cache: dict[tuple, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            key = (output.device, output.dtype)
+            if key not in cache:
+                scaled = direction.to(output.device, torch.float32)
+                cache[key] = (alpha.to(output.device)[:, None] * scaled if alpha.dim() else alpha * scaled)
+            shift = cache[key]
+            if shift.dim() == 2:
+                if shift.shape[0] != output.shape[0]:
+                    raise CNAError(f"per-row alphas have {shift.shape[0]} rows but the batch has {output.shape[0]}")
+                shift = shift.view(shift.shape[0], *([1] * (output.dim() - 2)), shift.shape[1])
+            return output + shift.to(output.dtype)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "AddDirections":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def caa(model: nn.Module, circuit: Circuit, alpha: float | torch.Tensor) -> AddDirections:
+    """Residual-stream CAA baseline from a circuit's stored MLP-output directions (see discover())."""
+    if circuit.caa_directions is None:
+        raise CNAError("this circuit has no CAA directions (made by an older cna_fast?): rediscover it")
+    circuit.validate(model)
+    return AddDirections(model, circuit.caa_layers, circuit.caa_directions, alpha)

@@ -10,6 +10,19 @@ import torch  # noqa: E402
 from tests.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one intra-op thread (more only adds sync cost, worse on a busy machine);
+    the embedded default model's tests keep every core."""
+    if request.module.__name__.endswith("test_default_model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A BPE tokenizer trained here, with a ChatML-style chat template and a pad token."""

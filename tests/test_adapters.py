@@ -44,15 +44,6 @@ CONTRAST_NEGATIVE = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids stalls when the CPUs are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def vocab_size(tokenizer) -> int:
     return len(tokenizer)

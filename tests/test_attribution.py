@@ -238,16 +238,6 @@ def last_token_activations(model, tokenizer, prompts: list[str], layer: int) -> 
     return torch.stack(captured)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run much faster on one thread, especially on a busy machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.usefixtures("one_thread")
 def test_universal_filter_finds_and_discover_skips_planted_neuron(tiny_llama, tokenizer) -> None:
     """The filter flags a neuron that is huge on every prompt; discover keeps it only when unfiltered."""
     plant_universal_neuron(tiny_llama)
@@ -280,7 +270,6 @@ def test_universal_filter_finds_and_discover_skips_planted_neuron(tiny_llama, to
     assert get_adapter(tiny_llama).fingerprint() == filtered.fingerprint
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_universal_mask_with_wrong_shape_is_rejected(tiny_llama, tokenizer) -> None:
     with pytest.raises(CNAError):
         discover(tiny_llama, tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, top_k=1, progress=False,

@@ -39,15 +39,6 @@ RAGGED_NEGATIVE = ["the lazy dog " * 25, "rome", "write a python function that s
                    "salt and flour", "comment faire du pain " * 9, "x y z"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids stalls when the CPUs are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------- reference
 
 _DOWN_PATHS = {  # blocks, down projection inside a block (written out independently of the library)

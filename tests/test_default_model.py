@@ -35,9 +35,10 @@ def test_cna_demo_finds_language_neurons(tmp_path, capsys):
     from cna_fast.cli import main
 
     out = tmp_path / "french.safetensors"
-    assert main(["demo", "--quiet", "--out", str(out)]) == 0
+    assert main(["demo", "--quiet", "--out", str(out), "--held-out", "4"]) == 0
     text = capsys.readouterr().out
     assert "circuit: 46 neurons of SmolLM2-135M-Instruct" in text
+    assert "circuit ablated (x0)" in text and "answers in French: baseline" in text
     circuit = Circuit.load(out)
     assert circuit.meta["n_positive"] == 160 and circuit.meta["n_negative"] == 160
     # French and English questions separate strongly: the top neuron's means are far apart.

@@ -17,7 +17,7 @@ from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
 from cna_fast.export import dense_weight, export_folded, export_lora
 from cna_fast.steering import steer
-from tests.tiny import build_tiny_model
+from tests.tiny import assert_state_identical, build_tiny_model, snapshot
 
 ARCHS = ("llama", "gpt2", "phi3", "gpt_neox")
 VOCAB = 400
@@ -33,15 +33,6 @@ DOWN_PATHS = {
 # Layers 0, 1 and 3 (none in 2) with 1, 2 and 3 neurons: LoRA rank 3, layer 0 and 1 zero-padded.
 CIRCUIT_LAYERS = [3, 1, 0, 3, 1, 3]
 CIRCUIT_NEURONS = [95, 7, 5, 0, 90, 40]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids stalls when the CPUs are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -80,20 +71,6 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def hook_logits(model: nn.Module, circuit: Circuit, multiplier: float, input_ids: torch.Tensor) -> torch.Tensor:
     with steer(model, circuit, multiplier):
         return logits_of(model, input_ids)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_state_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """Same keys, dtypes, shapes and bytes as the snapshot."""
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, tensor in after.items():
-        assert tensor.dtype == before[name].dtype, name
-        assert tensor.shape == before[name].shape, name
-        assert torch.equal(tensor.contiguous().view(torch.uint8), before[name].contiguous().view(torch.uint8)), name
 
 
 def folder_contents(folder: Path) -> dict[str, bytes]:

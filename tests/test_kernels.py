@@ -29,14 +29,6 @@ H_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rt
 STATS_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def poisoned_empty(monkeypatch):
     """torch.empty returns NaN-filled float tensors, so unwritten outputs and partials show up."""

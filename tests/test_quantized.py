@@ -20,14 +20,6 @@ pytest.importorskip("bitsandbytes")
 D_FF = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory, plain_tokenizer) -> Path:
     """A tiny Llama whose layer-1 neuron 17 fires for the trigger token, saved for quantized loading."""

@@ -13,7 +13,7 @@ from cna_fast import get_adapter
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CircuitMismatchError, CNAError
 from cna_fast.steering import generate, steer
-from tests.tiny import build_tiny_model
+from tests.tiny import assert_state_identical, build_tiny_model, snapshot
 
 ARCHS = ("llama", "gpt2", "phi3", "gpt_neox")
 D_FF = 96
@@ -30,15 +30,6 @@ DOWN_PATHS = {
 
 PROMPTS = ["zebra", "what is the capital of france and why is it famous", "bread and salt",
            "the quick brown fox jumps", "explain photosynthesis to a child in simple words please"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids stalls when the CPUs are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -108,20 +99,6 @@ def token_ids(rows: int, length: int, seed: int = 0, vocab_size: int = 400) -> t
 def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_state_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """Same keys, dtypes, shapes and bytes as the snapshot."""
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, tensor in after.items():
-        assert tensor.dtype == before[name].dtype, name
-        assert tensor.shape == before[name].shape, name
-        assert torch.equal(tensor.contiguous().view(torch.uint8), before[name].contiguous().view(torch.uint8)), name
 
 
 def hook_count(model: nn.Module) -> int:

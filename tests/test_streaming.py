@@ -33,14 +33,6 @@ def varied_prompts(count: int, seed: int, marker: str = "") -> list[str]:
     return prompts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_txt_jsonl_csv_sources_read_records_lazily(tmp_path: Path):
     (tmp_path / "p.txt").write_text("first prompt\n\n  second prompt  \n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "first prompt"}\n\n{"text": "second prompt", "id": 2}\n')

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
@@ -70,3 +71,18 @@ def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0, dtype: tor
                                   **{**ARCH_CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # sdpa where the architecture has it
     return model.eval()
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of the model's state dict."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_state_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Same keys, dtypes, shapes and bytes as the snapshot."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in after.items():
+        assert tensor.dtype == before[name].dtype, name
+        assert tensor.shape == before[name].shape, name
+        assert torch.equal(tensor.contiguous().view(torch.uint8), before[name].contiguous().view(torch.uint8)), name
