@@ -13,7 +13,7 @@ from cna_fast import capture_contrast, discover
 from cna_fast.capture import shared_prefix
 from cna_fast.errors import CNAError
 from cna_fast.stats import NEGATIVE, POSITIVE, NeuronStats
-from tests.tiny import ARCH_CONFIGS, build_tiny_model
+from tests.tiny import ARCH_CONFIGS, DOWN_PATHS, build_tiny_model
 
 NUM_LAYERS = 4
 D_FF = 96
@@ -41,15 +41,6 @@ RAGGED_NEGATIVE = ["the lazy dog " * 25, "rome", "write a python function that s
 
 # --------------------------------------------------------------------------------------------- reference
 
-_DOWN_PATHS = {  # blocks, down projection inside a block (written out independently of the library)
-    **{mt: ("model.layers", "mlp.down_proj") for mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                                                         "gemma3_text", "olmo2", "phi3")},
-    "phi": ("model.layers", "mlp.fc2"),
-    "gpt2": ("transformer.h", "mlp.c_proj"),
-    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
-}
-
-
 @dataclass
 class Moments:
     """Reference statistics: count [2], mean and m2 [layers, 2, d_ff], float64, indexed like NeuronStats."""
@@ -60,7 +51,7 @@ class Moments:
 
 
 def down_projections(model: nn.Module) -> list[nn.Module]:
-    blocks, down = _DOWN_PATHS[model.config.model_type]
+    blocks, down = DOWN_PATHS[model.config.model_type]
     return [block.get_submodule(down) for block in model.get_submodule(blocks)]
 
 

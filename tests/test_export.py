@@ -17,19 +17,12 @@ from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
 from cna_fast.export import dense_weight, export_folded, export_lora
 from cna_fast.steering import steer
-from tests.tiny import assert_state_identical, build_tiny_model, snapshot
+from tests.tiny import DOWN_PATHS, assert_state_identical, build_tiny_model, snapshot
 
 ARCHS = ("llama", "gpt2", "phi3", "gpt_neox")
 VOCAB = 400
 ATOL = 1e-5
 
-# Decoder blocks and the down projection inside a block, written out independently of the library.
-DOWN_PATHS = {
-    "llama": ("model.layers", "mlp.down_proj"),
-    "phi3": ("model.layers", "mlp.down_proj"),
-    "gpt2": ("transformer.h", "mlp.c_proj"),
-    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
-}
 # Layers 0, 1 and 3 (none in 2) with 1, 2 and 3 neurons: LoRA rank 3, layer 0 and 1 zero-padded.
 CIRCUIT_LAYERS = [3, 1, 0, 3, 1, 3]
 CIRCUIT_NEURONS = [95, 7, 5, 0, 90, 40]

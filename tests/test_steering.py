@@ -13,20 +13,13 @@ from cna_fast import get_adapter
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CircuitMismatchError, CNAError
 from cna_fast.steering import generate, steer
-from tests.tiny import assert_state_identical, build_tiny_model, snapshot
+from tests.tiny import DOWN_PATHS, assert_state_identical, build_tiny_model, snapshot
 
 ARCHS = ("llama", "gpt2", "phi3", "gpt_neox")
 D_FF = 96
 N_LAYERS = 4
 ATOL = 1e-5
 
-# Decoder blocks and the down projection inside a block, written out independently of the library.
-DOWN_PATHS = {
-    "llama": ("model.layers", "mlp.down_proj"),
-    "phi3": ("model.layers", "mlp.down_proj"),
-    "gpt2": ("transformer.h", "mlp.c_proj"),
-    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
-}
 
 PROMPTS = ["zebra", "what is the capital of france and why is it famous", "bread and salt",
            "the quick brown fox jumps", "explain photosynthesis to a child in simple words please"]
@@ -320,13 +313,16 @@ def test_positions_prompt_without_generate_steers_plain_forward(arch: str) -> No
         assert torch.equal(logits_of(model, ids), plain)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_steered_generate_with_and_without_cache_agree(arch: str) -> None:
+@pytest.mark.parametrize("arch, multiplier, positions, rows, seed", [
+    ("llama", 2.0, "all", 2, 7), ("gpt2", 2.0, "all", 2, 7), ("llama", -2.0, "generated", 1, 8)])
+def test_steered_generate_with_and_without_cache_agree(arch: str, multiplier: float, positions: str, rows: int,
+                                                       seed: int) -> None:
+    """Steering (all tokens, or only the generated ones) gives the same greedy ids with and without a KV cache."""
     model = sharp_model(arch, 400)
     circuit = big_circuit(model)
-    prompt = token_ids(2, 6, seed=7)
+    prompt = token_ids(rows, 6, seed=seed)
     outputs = {}
-    with steer(model, circuit, 2.0):
+    with steer(model, circuit, multiplier, positions=positions):
         for use_cache in (True, False):
             with torch.no_grad():
                 outputs[use_cache] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
@@ -336,24 +332,6 @@ def test_steered_generate_with_and_without_cache_agree(arch: str) -> None:
         unsteered = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                                    do_sample=False, pad_token_id=2)
     assert not torch.equal(unsteered, outputs[True]), "steering must change the generation"
-    assert torch.equal(outputs[True], outputs[False])
-
-
-def test_positions_generated_without_cache_matches_cached() -> None:
-    model = sharp_model("llama", 400)
-    circuit = big_circuit(model)
-    prompt = token_ids(1, 6, seed=8)
-    outputs = {}
-    with steer(model, circuit, -2.0, positions="generated"):
-        for use_cache in (True, False):
-            with torch.no_grad():
-                outputs[use_cache] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                                    max_new_tokens=6, do_sample=False, use_cache=use_cache,
-                                                    pad_token_id=2)
-    with torch.no_grad():
-        unsteered = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                                   do_sample=False, pad_token_id=2)
-    assert not torch.equal(unsteered, outputs[True]), "steering the generated tokens must change the generation"
     assert torch.equal(outputs[True], outputs[False])
 
 

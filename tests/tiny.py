@@ -47,6 +47,16 @@ ARCH_CONFIGS: dict[str, dict] = {
 }
 
 
+# Decoder blocks and the down projection inside a block, written out independently of the library.
+DOWN_PATHS = {
+    **{mt: ("model.layers", "mlp.down_proj") for mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                         "gemma3_text", "olmo2", "phi3")},
+    "phi": ("model.layers", "mlp.fc2"),
+    "gpt2": ("transformer.h", "mlp.c_proj"),
+    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
+}
+
+
 def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on a small corpus; ChatML special tokens; pad = <|im_end|>."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
