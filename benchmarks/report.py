@@ -52,8 +52,9 @@ def _verdict(met: bool) -> str:
 
 def render(results: dict, machine: dict) -> str:
     cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "unknown CPU"))
+    cores = machine.get("cpu", {}).get("count", "?")
     threads = next((entry.get("threads") for entry in results.values() if entry.get("threads")), "?")
-    lines = [f"Machine: {cpu}, {threads} torch threads, torch {torch.__version__}, Python "
+    lines = [f"Machine: {cpu}, {cores} cores, {threads} torch threads, torch {torch.__version__}, Python "
              f"{machine.get('python_version', '?')}. Embedded SmolLM2-135M-Instruct, 128 + 128 prompts, "
              "batch size 32; each time is the fastest of its rounds.", "",
              "| dtype | cna_fast (prompts/s) | naive reference | floor: bare body forward, same batches, "
@@ -78,7 +79,28 @@ def render(results: dict, machine: dict) -> str:
                   f"(target < {MEMORY_TARGET_MB:.0f} MB: {_verdict(growth < MEMORY_TARGET_MB)}); "
                   f"{memory['prompts_per_s_10k']:.1f} prompts/s over the 10,000."]
     lines += _steering_lines(results)
+    lines += _kernel_lines(RESULTS / "kernels.csv")
     return "\n".join(lines)
+
+
+def _kernel_lines(path: Path) -> list[str]:
+    """The GPU kernel benchmark's largest-shape rows, when it has been run on a CUDA machine."""
+    if not path.exists():
+        return ["", "Fused kernels: not yet measured on a GPU (no GPU has been available); "
+                "`python -m benchmarks.kernels` measures them on a CUDA machine."]
+    import csv
+
+    rows = [row for row in csv.DictReader(path.open()) if row["device"] != "cpu"]
+    if not rows:
+        return ["", "Fused kernels: only the CPU torch path has been timed; no GPU measurement yet."]
+    largest = max(int(row["rows"]) for row in rows)
+    lines = ["", f"Fused kernels on {rows[0]['device']} ({largest} rows, bf16):", "",
+             "| d_ff | variant | backend | ms | GB/s | of copy bandwidth |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        if int(row["rows"]) == largest:
+            lines.append(f"| {row['d_ff']} | {row['variant']} | {row['backend']} | {float(row['ms']):.3f} | "
+                         f"{float(row['gb_per_s']):.0f} | {float(row['fraction_of_copy']):.0%} |")
+    return lines
 
 
 def _steering_lines(results: dict) -> list[str]:
