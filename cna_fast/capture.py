@@ -30,6 +30,8 @@ POSITIONS = ("last", "all", "mean")
 PADDING_SIDES = ("left", "right")
 _WINDOW_BATCHES = 32  # a tokenization window holds this many batches, sorted by length
 _MIN_PREFIX_TOKENS = 2
+_BATCH_OVERHEAD_TOKENS = 32  # fixed cost of one forward pass, in tokens of compute (weights streamed once)
+_BATCH_MAX_TOKENS = 16384  # padded tokens per forward pass at most, to bound activation memory
 
 
 class _StopForward(Exception):
@@ -243,7 +245,7 @@ class Capturer:
     """Runs prompts through a model and accumulates neuron statistics per group."""
 
     def __init__(self, model, tokenizer, *, layers: Sequence[int] | None = None, position: str = "last",
-                 chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
+                 chat_template: bool | str | None = None, batch_size: int = 64, padding_side: str = "right",
                  prefix_cache: bool = True, progress: bool = True, max_length: int | None = None,
                  on_long: str = "truncate") -> None:
         self.adapter = get_adapter(model)
@@ -399,9 +401,9 @@ class Capturer:
         for use_prefix in (True, False):
             members = [i for i in range(len(encoded)) if with_prefix[i] == use_prefix]
             members.sort(key=lambda i: len(encoded[i]))
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                cut = n_prefix if use_prefix else 0
+            cut = n_prefix if use_prefix else 0
+            for start, stop in length_buckets([len(encoded[i]) - cut for i in members], self.batch_size):
+                chunk = members[start:stop]
                 yield [encoded[i][cut:] for i in chunk], [labels[i] for i in chunk], use_prefix
 
     def _forward(self, batch: Batch, cache) -> None:
@@ -511,6 +513,33 @@ def context_length(model) -> int | None:
     return None
 
 
+def length_buckets(lengths: Sequence[int], max_rows: int, overhead_tokens: int = _BATCH_OVERHEAD_TOKENS,
+                   max_tokens: int = _BATCH_MAX_TOKENS) -> list[tuple[int, int]]:
+    """Split ascending `lengths` into consecutive batches that minimize padded work.
+
+    A batch holds at most `max_rows` prompts and (unless it is a single prompt) `max_tokens`
+    padded tokens. It costs rows x its longest length (the tokens the model computes) plus a
+    fixed per-forward overhead; dynamic programming finds the cheapest split, so batches are
+    smaller where lengths climb steeply and full where they are flat. Returns (start, stop) pairs.
+    """
+    count = len(lengths)
+    best = [0.0] + [float("inf")] * count
+    start_of = [0] * (count + 1)
+    for stop in range(1, count + 1):
+        for start in range(stop - 1, max(0, stop - max_rows) - 1, -1):
+            rows = stop - start
+            if rows > 1 and rows * lengths[stop - 1] > max_tokens:
+                break  # longer spans only add rows of the same maximum length
+            cost = best[start] + rows * lengths[stop - 1] + overhead_tokens
+            if cost < best[stop]:
+                best[stop], start_of[stop] = cost, start
+    spans, stop = [], count
+    while stop > 0:
+        spans.append((start_of[stop], stop))
+        stop = start_of[stop]
+    return spans[::-1]
+
+
 def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
     """Sorted unique layer indices, each checked against the model's layer count."""
     checked = set()
@@ -532,7 +561,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *,
                      layers: Sequence[int] | None = None, position: str = "last",
-                     chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
+                     chat_template: bool | str | None = None, batch_size: int = 64, padding_side: str = "right",
                      prefix_cache: bool = True, progress: bool = True, distributed: bool = False,
                      max_length: int | None = None, on_long: str = "truncate",
                      checkpoint: Checkpoint | None = None) -> NeuronStats:

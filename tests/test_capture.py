@@ -369,3 +369,24 @@ def test_chat_template_true_without_template_raises(tiny_llama, plain_tokenizer)
     with pytest.raises(CNAError, match="no chat template"):
         capture_contrast(tiny_llama, plain_tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, chat_template=True,
                          progress=False)
+
+
+def test_length_buckets_cover_in_order_within_limits_and_beat_fixed_chunks() -> None:
+    """The DP split is a partition into consecutive spans, respects both limits, and pads less than chunking."""
+    from cna_fast.capture import length_buckets
+
+    generator = np.random.default_rng(0)
+    lengths = sorted(int(x) for x in generator.integers(5, 200, size=300))
+    spans = length_buckets(lengths, max_rows=32, overhead_tokens=32, max_tokens=2048)
+    assert spans[0][0] == 0 and spans[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(stop - start <= 32 and (stop - start == 1 or (stop - start) * lengths[stop - 1] <= 2048)
+               for start, stop in spans)
+
+    def cost(parts):
+        return sum((stop - start) * lengths[stop - 1] + 32 for start, stop in parts)
+
+    fixed = [(i, min(i + 32, len(lengths))) for i in range(0, len(lengths), 32)]
+    unbounded = length_buckets(lengths, max_rows=32, overhead_tokens=32, max_tokens=10**9)
+    assert cost(unbounded) < cost(fixed)  # optimal over all splits, fixed chunks included
+    assert length_buckets([7], max_rows=4) == [(0, 1)] and length_buckets([], max_rows=4) == []
