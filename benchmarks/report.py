@@ -56,7 +56,7 @@ def render(results: dict, machine: dict) -> str:
     threads = next((entry.get("threads") for entry in results.values() if entry.get("threads")), "?")
     lines = [f"Machine: {cpu}, {cores} cores, {threads} torch threads, torch {torch.__version__}, Python "
              f"{machine.get('python_version', '?')}. Embedded SmolLM2-135M-Instruct, 128 + 128 prompts, "
-             "default batching (length buckets of at most 64 prompts); each time is the fastest of its rounds.", "",
+             "default batching (length buckets of at most 32 prompts); each time is the fastest of its rounds.", "",
              "| dtype | cna_fast (prompts/s) | naive reference | floor: bare body forward, same batches, "
              "prefix cached | floor, full sequences | speedup vs naive (target >= 6x) | "
              "overhead over floor (target <= 10%) |",

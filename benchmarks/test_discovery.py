@@ -13,7 +13,7 @@ import cna_fast
 from cna_fast.capture import Capturer, encode_prompts, pad_batch
 from tests.naive_reference import naive_discover
 
-BATCH_SIZE = 64  # the default: at most 64 prompts per forward pass
+BATCH_SIZE = 32  # the default: at most 32 prompts per forward pass
 ROUNDS = 3
 
 

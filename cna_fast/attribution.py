@@ -142,7 +142,7 @@ class UniversalFilter:
     top_frac: float = DEFAULT_TOP_FRAC
 
     def find(self, model, tokenizer, *, layers: Sequence[int] | None = None, position: str = "last",
-             chat_template: bool | str | None = None, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+             chat_template: bool | str | None = None, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
         """Bool mask [len(layers), width] of universal neurons."""
         groups = self.prompts if self.prompts is not None else bundled_diverse_prompts()
         if len(groups) < 2:
@@ -168,7 +168,7 @@ class UniversalFilter:
 
 def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *, top_k: int | None = None,
              top_frac: float | None = DEFAULT_TOP_FRAC, position: str = "last", score: str = "diff",
-             exclude_layers: Iterable[int] = (), chat_template: bool | str | None = None, batch_size: int = 64,
+             exclude_layers: Iterable[int] = (), chat_template: bool | str | None = None, batch_size: int = 32,
              universal_filter: bool | UniversalFilter | torch.Tensor = False, padding_side: str = "right",
              progress: bool = True, distributed: bool = False, max_length: int | None = None,
              on_long: str = "truncate", checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 10_000,

@@ -245,7 +245,7 @@ class Capturer:
     """Runs prompts through a model and accumulates neuron statistics per group."""
 
     def __init__(self, model, tokenizer, *, layers: Sequence[int] | None = None, position: str = "last",
-                 chat_template: bool | str | None = None, batch_size: int = 64, padding_side: str = "right",
+                 chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
                  prefix_cache: bool = True, progress: bool = True, max_length: int | None = None,
                  on_long: str = "truncate") -> None:
         self.adapter = get_adapter(model)
@@ -561,7 +561,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *,
                      layers: Sequence[int] | None = None, position: str = "last",
-                     chat_template: bool | str | None = None, batch_size: int = 64, padding_side: str = "right",
+                     chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
                      prefix_cache: bool = True, progress: bool = True, distributed: bool = False,
                      max_length: int | None = None, on_long: str = "truncate",
                      checkpoint: Checkpoint | None = None) -> NeuronStats:

@@ -44,7 +44,7 @@ def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
                         help="last prompt token (default), all tokens, or per-prompt mean")
     parser.add_argument("--score", choices=SCORES, default="diff",
                         help="mean difference (default), Welch t, or Cohen's d")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--batch-size", type=int, default=32,
                         help="most prompts per forward pass (length buckets may use fewer)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
