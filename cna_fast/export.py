@@ -43,7 +43,7 @@ def weight_columns(module: nn.Module, neurons: torch.Tensor) -> torch.Tensor:
     generic dequantization helpers do not read correctly).
     """
     if _is_quantized(module):
-        in_features = int(getattr(module, "in_features"))
+        in_features = int(module.in_features)
         device = module.weight.device
         dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
         if hasattr(module.weight, "quant_state") and module.weight.quant_state is not None:
@@ -60,7 +60,7 @@ def weight_columns(module: nn.Module, neurons: torch.Tensor) -> torch.Tensor:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The down projection's whole weight as a float32 [out, in] matrix (read back if quantized)."""
-    in_features = getattr(module, "in_features", None) or getattr(module, "nx")
+    in_features = getattr(module, "in_features", None) or module.nx
     return weight_columns(module, torch.arange(int(in_features)))
 
 

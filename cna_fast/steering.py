@@ -237,7 +237,7 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
         try:
             multipliers = float(multiplier)  # numpy scalars and 0-dim tensors too
         except (TypeError, ValueError):
-            raise CNAError(f"multiplier must be a number, got {multiplier!r}; for several values use multipliers=")
+            raise CNAError(f"multiplier must be a number, got {multiplier!r}; for several values use multipliers=") from None
     return Steering(model, circuits, multipliers, positions=positions, allow_stacking=allow_stacking)
 
 
