@@ -432,7 +432,9 @@ def run_eval(args) -> None:
             _check_output(path)
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
-    torch_seed(args.seed)
+    import torch
+
+    torch.manual_seed(args.seed)
     result = sweep(model, tokenizer, circuit, prompts, args.multipliers, methods=["cna", *baselines],
                    behavior=args.behavior, max_new_tokens=settings["max_new_tokens"],
                    batch_size=settings["batch_size"], seed=args.seed, progress=settings["progress"])
@@ -457,21 +459,13 @@ def run_eval(args) -> None:
             print(f"wrote {args.html}")
 
 
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-
-
 def run_export(args) -> None:
     from .circuit import Circuit
-    from .export import export_folded, export_lora
+    from .export import check_output_folder, export_folded, export_lora
     from .models import load_model
 
     circuit = Circuit.load(args.circuit)
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.force:
-        raise CNAError(f"output folder {args.out!r} is not empty: choose another or pass --force")
+    check_output_folder(args.out, args.force)  # before the model loads
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
         export_folded(model, circuit, args.multiplier, args.out, tokenizer=tokenizer, force=args.force)

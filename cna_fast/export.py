@@ -8,7 +8,6 @@ so that W + B A scales exactly those columns.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from torch import nn
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
+from .steering import as_multiplier
 
 _STEERING_FILE = "cna_fast_steering.json"
 
@@ -64,25 +64,21 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight_columns(module, torch.arange(int(in_features)))
 
 
-def _check_multiplier(multiplier: float) -> float:
-    try:
-        value = float(multiplier)  # ints, floats, numpy scalars, 0-dim tensors
-    except (TypeError, ValueError):
-        raise CNAError(f"multiplier must be a number, got {multiplier!r}") from None
-    if not math.isfinite(value):
-        raise CNAError(f"multiplier must be a finite number, got {multiplier!r}")
-    return value
+def check_output_folder(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse a non-empty output folder (unless forced) or a missing parent, before any work is done."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise CNAError(f"output folder {str(path)!r} is not empty: choose another or pass force=True (--force)")
+    if not path.absolute().parent.is_dir():
+        raise CNAError(f"parent folder of {str(path)!r} does not exist: create it first")
+    return path
 
 
 class _OutputFolder:
     """Write into a temporary sibling folder, then move it to `path`; refuse a non-empty folder unless forced."""
 
     def __init__(self, path: str | os.PathLike, force: bool) -> None:
-        self.path = Path(path)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())) and not force:
-            raise CNAError(f"output folder {str(self.path)!r} is not empty: choose another or pass force=True (--force)")
-        if not self.path.parent.is_dir():
-            raise CNAError(f"parent folder of {str(self.path)!r} does not exist: create it first")
+        self.path = check_output_folder(path, force).absolute()
 
     def __enter__(self) -> Path:
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
@@ -109,7 +105,7 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     The model in memory is not modified: scaled copies replace the affected weights in the saved
     state dict only.
     """
-    multiplier = _check_multiplier(multiplier)
+    multiplier = as_multiplier(multiplier)
     output = _OutputFolder(out_dir, force)
     circuit.validate(model)
     adapter = get_adapter(model)
@@ -142,7 +138,7 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     Rank r is the largest number of circuit neurons in one layer (layers with fewer get zero
     padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
     """
-    multiplier = _check_multiplier(multiplier)
+    multiplier = as_multiplier(multiplier)
     output = _OutputFolder(out_dir, force)
     circuit.validate(model)
     if len(circuit) == 0:

@@ -30,6 +30,17 @@ def _as_circuits(circuits: Circuit | Sequence[Circuit]) -> list[Circuit]:
     return listed
 
 
+def as_multiplier(value: object) -> float:
+    """One finite multiplier as a float (ints, floats, numpy scalars and 0-dim tensors accepted)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise CNAError(f"multiplier must be a number, got {value!r}; for several values use multipliers=") from None
+    if not math.isfinite(number):
+        raise CNAError(f"multiplier must be a finite number, got {value!r}")
+    return number
+
+
 def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tensor:
     multipliers = torch.as_tensor(multipliers, dtype=torch.float32).detach().cpu()
     if multipliers.dim() == 1:
@@ -80,9 +91,7 @@ class Steering:
         for circuit in self.circuits:
             circuit.validate(model)
         if isinstance(multipliers, numbers.Real):
-            if not math.isfinite(float(multipliers)):
-                raise CNAError(f"multiplier must be a finite number, got {multipliers}")
-            multipliers = [float(multipliers)] * len(self.circuits)
+            multipliers = [as_multiplier(multipliers)] * len(self.circuits)
         self.multipliers = _check_multipliers(multipliers, len(self.circuits))
         self.keys = [circuit_key(circuit) for circuit in self.circuits]
         if len(set(self.keys)) != len(self.keys) and not allow_stacking:
@@ -234,10 +243,7 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
     Use as `with steer(model, circuit, 0.0): ...`, or keep the handle and call `remove()`.
     """
     if multipliers is None:
-        try:
-            multipliers = float(multiplier)  # numpy scalars and 0-dim tensors too
-        except (TypeError, ValueError):
-            raise CNAError(f"multiplier must be a number, got {multiplier!r}; for several values use multipliers=") from None
+        multipliers = as_multiplier(multiplier)
     return Steering(model, circuits, multipliers, positions=positions, allow_stacking=allow_stacking)
 
 
