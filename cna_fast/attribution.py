@@ -202,10 +202,9 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
                   progress=progress)
     saver = None
     if checkpoint is not None:
-        identity = {"model": model_name(model), "fingerprint": adapter.fingerprint(), "layers": layers,
-                    "position": position, "chat_template": uses_chat_template(tokenizer, chat_template),
-                    "batch_size": batch_size, "padding_side": padding_side, "max_length": max_length,
-                    "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
+        identity = run_identity(model, tokenizer, positive, negative, layers=layers, position=position,
+                                chat_template=chat_template, batch_size=batch_size, padding_side=padding_side,
+                                max_length=max_length)
         saver = Checkpoint(checkpoint, checkpoint_every, identity, resume)
     stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side,
                              distributed=distributed, max_length=max_length, on_long=on_long, checkpoint=saver,
@@ -247,6 +246,16 @@ def mlp_output_directions(model, stats: NeuronStats) -> tuple[torch.Tensor, torc
             output = down(probe).float()
             directions.append((output[0] - output[1]).cpu())
     return torch.tensor(stats.layers, dtype=torch.int64), torch.stack(directions)
+
+
+def run_identity(model, tokenizer, positive, negative, *, layers: list[int], position: str,
+                 chat_template: bool | str | None, batch_size: int, padding_side: str,
+                 max_length: int | None) -> dict:
+    """What a discovery's statistics depend on; a checkpoint only resumes a run with the same identity."""
+    return {"model": model_name(model), "fingerprint": get_adapter(model).fingerprint(), "layers": list(layers),
+            "position": position, "chat_template": uses_chat_template(tokenizer, chat_template),
+            "batch_size": batch_size, "padding_side": padding_side, "max_length": max_length,
+            "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
 
 
 def inputs_fingerprint(prompts) -> str:

@@ -175,15 +175,12 @@ def test_resume_after_crash_gives_the_uninterrupted_circuit(tiny_llama, tokenize
 
 def _crash_run(model, tokenizer, positive, negative, checkpoint, settings, crashing):
     """Discovery whose negative prompts fail after 100 items, with the same checkpoint identity as a clean run."""
-    from cna_fast.attribution import inputs_fingerprint
-    from cna_fast.capture import Checkpoint, capture_contrast, uses_chat_template
-    from cna_fast.models import get_adapter, model_name
+    from cna_fast.attribution import run_identity
+    from cna_fast.capture import Checkpoint, capture_contrast
 
-    adapter = get_adapter(model)
-    identity = {"model": model_name(model), "fingerprint": adapter.fingerprint(), "layers": list(range(4)),
-                "position": "last", "chat_template": uses_chat_template(tokenizer, None),
-                "batch_size": settings["batch_size"], "padding_side": "right", "max_length": None,
-                "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
+    identity = run_identity(model, tokenizer, positive, negative, layers=list(range(4)), position="last",
+                            chat_template=None, batch_size=settings["batch_size"], padding_side="right",
+                            max_length=None)
     capture_contrast(model, tokenizer, positive, crashing(negative, 100), batch_size=settings["batch_size"],
                      progress=False, checkpoint=Checkpoint(checkpoint, 64, identity))
 
