@@ -226,7 +226,9 @@ class Checkpoint:
         """The saved statistics and how many prompts they cover, when resuming from an existing checkpoint."""
         if not self.resume or not self.path.exists():
             return None
-        stats = NeuronStats.load(self.path)
+        from .moe_stats import load_any_stats
+
+        stats = load_any_stats(self.path)
         saved = stats.meta.get("identity")
         if saved != self.identity:
             changed = sorted(key for key in set(saved or {}) | set(self.identity)
@@ -278,7 +280,7 @@ class Capturer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # The fused Triton kernel folds token rows into two-sided moments inside the MLP (CUDA, or
         # forced with CNA_FAST_BACKEND=triton); per-prompt means ("mean") take the hook path.
-        probe = next(self.adapter.neuron_site(self.layers[0]).parameters())
+        probe = next(self.adapter.mlp(self.layers[0]).parameters())
         self.fused = self.position in ("last", "all") and backend_for(probe) == "triton"
         if self.fused and self.position == "all":
             self.prefix = []  # the fused path captures every token of full sequences
@@ -313,7 +315,7 @@ class Capturer:
         seen, since_save = consumed, 0
         self.truncated = 0
         bar = tqdm(total=total, initial=consumed, desc="capture", unit="prompt", disable=not self.progress)
-        with torch.inference_mode(), _Recorder(self.adapter, self.layers, self.position, record=not fused) as recorder:
+        with torch.inference_mode(), self._make_recorder(record=not fused) as recorder:
             for window in _windows(stream, self.batch_size * _WINDOW_BATCHES):
                 prompts = [_check_prompt(prompt, seen + i + 1) for i, (prompt, _) in enumerate(window)]
                 for _, label in window:
@@ -340,6 +342,9 @@ class Capturer:
         if checkpoint is not None:
             checkpoint.save(gathered, seen)
         return gathered
+
+    def _make_recorder(self, record: bool) -> _Recorder:
+        return _Recorder(self.adapter, self.layers, self.position, record=record)
 
     def _gather(self, parts) -> NeuronStats:
         """All layers' statistics as one NeuronStats on the CPU."""
@@ -564,7 +569,7 @@ def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterab
                      chat_template: bool | str | None = None, batch_size: int = 32, padding_side: str = "right",
                      prefix_cache: bool = True, progress: bool = True, distributed: bool = False,
                      max_length: int | None = None, on_long: str = "truncate",
-                     checkpoint: Checkpoint | None = None) -> NeuronStats:
+                     checkpoint: Checkpoint | None = None, moe_mode: str = "effective") -> NeuronStats:
     """Statistics of positive (group 1) and negative (group 0) prompts in one stream of mixed batches.
 
     distributed: under torch.distributed (torchrun), each rank streams every world_size-th prompt of
@@ -572,10 +577,15 @@ def capture_contrast(model, tokenizer, positive: Iterable[str], negative: Iterab
     max_length / on_long: prompts longer than max_length tokens (default: the model's context
     length) are truncated, keeping the chat-template prefix and the last tokens, or refused.
     checkpoint: save progress periodically and resume (per rank when distributed).
+    moe_mode: on mixture-of-experts models, "effective" or "conditional" routed-neuron statistics;
+    the result is then an MoEStats (see moe_stats.py).
     """
-    capturer = Capturer(model, tokenizer, layers=layers, position=position, chat_template=chat_template,
-                        batch_size=batch_size, padding_side=padding_side, prefix_cache=prefix_cache,
-                        progress=progress, max_length=max_length, on_long=on_long)
+    from .moe_capture import capturer_class, moe_settings
+
+    capturer = capturer_class(model)(model, tokenizer, layers=layers, position=position, chat_template=chat_template,
+                                     batch_size=batch_size, padding_side=padding_side, prefix_cache=prefix_cache,
+                                     progress=progress, max_length=max_length, on_long=on_long,
+                                     **moe_settings(model, moe_mode))
     total = None
     if hasattr(positive, "__len__") and hasattr(negative, "__len__"):
         total = len(positive) + len(negative)

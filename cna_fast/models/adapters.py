@@ -136,9 +136,11 @@ class ModelAdapter:
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Adapter for `model`, built once and cached on the model object."""
+    """Adapter for `model` (an MoEAdapter for mixture-of-experts models), built once and cached on the model object."""
     adapter = getattr(model, "_cna_fast_adapter", None)
     if adapter is None:
-        adapter = ModelAdapter(model)
+        from .moe import MoEAdapter, is_moe_model
+
+        adapter = MoEAdapter(model) if is_moe_model(model) else ModelAdapter(model)
         object.__setattr__(model, "_cna_fast_adapter", adapter)
     return adapter

@@ -274,3 +274,84 @@ def register_row_hook(experts: nn.Module, hook: RowHook) -> RowHookHandle:
     key = next(_next_key)
     hooks[key] = hook
     return RowHookHandle(experts, key)
+
+
+# ------------------------------------------------------------------------------------------- the adapter
+
+
+class MoEAdapter:
+    """The neuron sites of a mixture-of-experts causal LM, with the ModelAdapter interface for ordinary neurons.
+
+    widths[l] is layer l's ordinary neurons (dense MLP or shared expert; 0 when the layer has only
+    routed experts); the routed neurons of layer l are num_experts x expert_width more.
+    """
+
+    spec = None  # no fused-kernel description: MoE layers take the hook path
+
+    def __init__(self, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        self.model = model
+        self.model_type: str = getattr(config, "model_type", "unknown")
+        self.blocks = next((module for module in model.modules() if isinstance(module, nn.ModuleList)
+                            and len(module) and find_layer(module[0]) is not None), None)
+        if self.blocks is None:
+            raise UnsupportedArchitectureError(f"cannot find the decoder layers of this {self.model_type} model")
+        self.layers = [find_layer(block) for block in self.blocks]
+        if any(layer is None for layer in self.layers):
+            raise UnsupportedArchitectureError(f"some decoder layers of this {self.model_type} model have no MLP")
+        self.routed_layers = [index for index, layer in enumerate(self.layers) if layer.experts is not None]
+        shapes = {(self.layers[index].num_experts, self.layers[index].expert_width) for index in self.routed_layers}
+        if len(shapes) != 1:
+            raise UnsupportedArchitectureError(f"MoE layers with different expert counts or widths: {sorted(shapes)}")
+        self.num_experts, self.expert_width = shapes.pop()
+        self.widths = [layer.ordinary_width for layer in self.layers]
+        self.activation = "moe"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_routed(self) -> int:
+        return len(self.routed_layers) * self.num_experts * self.expert_width
+
+    @property
+    def num_neurons(self) -> int:
+        """All neurons of all layers: dense, shared and routed."""
+        return sum(self.widths) + self.num_routed
+
+    @property
+    def d_ff(self) -> int:
+        raise UnsupportedArchitectureError("an MoE model has no single MLP width: use widths, num_experts and "
+                                           "expert_width")
+
+    @property
+    def body(self) -> nn.Module:
+        return self.model.base_model
+
+    def ordinary_layers(self) -> list[int]:
+        return [index for index, width in enumerate(self.widths) if width]
+
+    def neuron_site(self, layer: int) -> nn.Module:
+        """The down projection holding layer `layer`'s ordinary neurons (dense MLP or shared expert)."""
+        site = self.layers[layer].ordinary
+        if site is None:
+            raise CNAError(f"layer {layer} has only routed experts: its neurons are (layer, expert, neuron)")
+        return site
+
+    def experts(self, layer: int) -> nn.Module:
+        experts = self.layers[layer].experts
+        if experts is None:
+            raise CNAError(f"layer {layer} is a dense layer: it has no routed experts")
+        return experts
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.layers[layer].block
+
+    def layer_device(self, layer: int) -> torch.device:
+        return next(self.layers[layer].block.parameters()).device
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, "num_layers": self.num_layers, "d_ff": list(self.widths),
+                "experts": {"layers": list(self.routed_layers), "num_experts": self.num_experts,
+                            "width": self.expert_width}}
