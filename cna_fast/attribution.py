@@ -19,6 +19,7 @@ from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
 from .stats import NEGATIVE, POSITIVE, NeuronStats
+from .moe_stats import MoEStats
 
 SCORES = ("diff", "t", "d")
 DEFAULT_TOP_FRAC = 0.001
@@ -172,7 +173,7 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
              universal_filter: bool | UniversalFilter | torch.Tensor = False, padding_side: str = "right",
              progress: bool = True, distributed: bool = False, max_length: int | None = None,
              on_long: str = "truncate", checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 10_000,
-             resume: bool = False) -> Circuit:
+             resume: bool = False, moe_mode: str = "effective") -> Circuit:
     """Find the circuit: the neurons whose activations best separate `positive` from `negative` prompts.
 
     top_k / top_frac: circuit size (top_frac of all the model's MLP neurons, 0.1% by default).
@@ -188,6 +189,8 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
     checkpoint / checkpoint_every / resume: save the statistics and stream position to `checkpoint`
         every `checkpoint_every` prompts; with resume=True continue from it. Needs re-readable
         prompt sets (lists or PromptSource files) so the inputs can be fingerprinted.
+    moe_mode: on mixture-of-experts models, "effective" (router weight x activation, 0 when not
+        routed) or "conditional" (routed tokens only) statistics for routed-expert neurons.
     """
     adapter = get_adapter(model)
     validate_position(position)
@@ -197,18 +200,18 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
     if not layers:
         raise CNAError("every layer is excluded: leave at least one layer to search")
     if top_k is not None:
-        resolve_top_k(top_k, top_frac, adapter.num_neurons, len(layers) * adapter.d_ff)
+        resolve_top_k(top_k, top_frac, adapter.num_neurons, adapter.neurons_in(layers))
     common = dict(layers=layers, position=position, chat_template=chat_template, batch_size=batch_size,
                   progress=progress)
     saver = None
     if checkpoint is not None:
         identity = run_identity(model, tokenizer, positive, negative, layers=layers, position=position,
                                 chat_template=chat_template, batch_size=batch_size, padding_side=padding_side,
-                                max_length=max_length)
+                                max_length=max_length, moe_mode=moe_mode)
         saver = Checkpoint(checkpoint, checkpoint_every, identity, resume)
     stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side,
                              distributed=distributed, max_length=max_length, on_long=on_long, checkpoint=saver,
-                             **common)
+                             moe_mode=moe_mode, **common)
     universal = _universal_mask(universal_filter, model, tokenizer, layers, adapter.num_layers, common)
     meta = {
         "model": model_name(model),
@@ -219,10 +222,22 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         "cna_fast_version": _version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if isinstance(stats, MoEStats):
+        if universal is not None:
+            raise CNAError("the universal-neuron filter does not cover mixture-of-experts models yet: run without it")
+        return attribute_moe(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
+                             total_neurons=adapter.num_neurons, meta=meta)
     circuit = attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
                         universal=universal, total_neurons=adapter.num_neurons, meta=meta)
     circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)
     return circuit
+
+
+def attribute_moe(*args, **kwargs) -> Circuit:
+    """See moe_attribution.attribute_moe (imported late: it builds on this module)."""
+    from .moe_attribution import attribute_moe as attribute_routed
+
+    return attribute_routed(*args, **kwargs)
 
 
 def mlp_output_directions(model, stats: NeuronStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,12 +265,15 @@ def mlp_output_directions(model, stats: NeuronStats) -> tuple[torch.Tensor, torc
 
 def run_identity(model, tokenizer, positive, negative, *, layers: list[int], position: str,
                  chat_template: bool | str | None, batch_size: int, padding_side: str,
-                 max_length: int | None) -> dict:
+                 max_length: int | None, moe_mode: str = "effective") -> dict:
     """What a discovery's statistics depend on; a checkpoint only resumes a run with the same identity."""
-    return {"model": model_name(model), "fingerprint": get_adapter(model).fingerprint(), "layers": list(layers),
-            "position": position, "chat_template": uses_chat_template(tokenizer, chat_template),
-            "batch_size": batch_size, "padding_side": padding_side, "max_length": max_length,
-            "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
+    identity = {"model": model_name(model), "fingerprint": get_adapter(model).fingerprint(), "layers": list(layers),
+                "position": position, "chat_template": uses_chat_template(tokenizer, chat_template),
+                "batch_size": batch_size, "padding_side": padding_side, "max_length": max_length,
+                "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
+    if "experts" in identity["fingerprint"]:
+        identity["moe_mode"] = moe_mode
+    return identity
 
 
 def inputs_fingerprint(prompts) -> str:

@@ -28,7 +28,8 @@ MOE_CONFIGS: dict[str, dict] = {
     "deepseek_v3": dict(_ATTENTION, intermediate_size=48, moe_intermediate_size=EXPERT_WIDTH, n_routed_experts=EXPERTS,
                         n_shared_experts=1, num_experts_per_tok=TOP_K, n_group=4, topk_group=2,
                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.5, norm_topk_prob=True),
+                        qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.5, norm_topk_prob=True,
+                        num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 MOE_FAMILIES = tuple(MOE_CONFIGS)
 

@@ -101,6 +101,10 @@ class ModelAdapter:
         """All MLP neurons of all layers together."""
         return sum(self.widths)
 
+    def neurons_in(self, layers) -> int:
+        """How many neurons the given layers hold together."""
+        return sum(self.widths[layer] for layer in layers)
+
     @property
     def d_ff(self) -> int:
         """Neurons per layer; raises if layers differ in width."""

@@ -320,6 +320,11 @@ class MoEAdapter:
         """All neurons of all layers: dense, shared and routed."""
         return sum(self.widths) + self.num_routed
 
+    def neurons_in(self, layers) -> int:
+        """How many neurons (ordinary and routed) the given layers hold together."""
+        return sum(self.widths[layer] + (self.num_experts * self.expert_width if layer in self.routed_layers else 0)
+                   for layer in layers)
+
     @property
     def d_ff(self) -> int:
         raise UnsupportedArchitectureError("an MoE model has no single MLP width: use widths, num_experts and "
