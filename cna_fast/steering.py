@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from .circuit import Circuit
 from .errors import CNAError
 from .kernels import backend_for, patched_scale
 from .models import get_adapter
+from .models.moe import MoEAdapter
 
 POSITION_MODES = ("all", "prompt", "generated")
 
@@ -57,7 +59,8 @@ def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tens
 
 def circuit_key(circuit: Circuit) -> tuple:
     """Identity of a circuit's neuron set, to detect the same circuit applied twice."""
-    return tuple(sorted(zip(circuit.layers.tolist(), circuit.neurons.tolist())))
+    experts = circuit.experts if circuit.experts is not None else torch.full_like(circuit.layers, -1)
+    return tuple(sorted(zip(circuit.layers.tolist(), experts.tolist(), circuit.neurons.tolist())))
 
 
 class _LayerScale:
@@ -108,15 +111,22 @@ class Steering:
         self._previous_ids: torch.Tensor | None = None
         self._handles = []
         self._fused = contextlib.ExitStack()
-        probe = next(adapter.neuron_site(next(iter(self.layers))).parameters())
+        self._routed = None
+        self._batch_rows = 0  # rows of the current forward (MoE shared experts see tokens flattened)
+        probe = next(adapter.mlp(int(self.circuits[0].layers[0])).parameters())
         # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel,
         # unless positions are restricted or another fused steering already patches the MLPs.
-        self.fused = positions == "all" and backend_for(probe) == "triton" and not any(o.fused for o in active)
+        # The fused kernels do not cover mixture-of-experts layers: those take the hook path.
+        moe = isinstance(adapter, MoEAdapter)
+        self.fused = (positions == "all" and backend_for(probe) == "triton" and not any(o.fused for o in active)
+                      and not moe)
         try:
+            if moe:
+                self._enter_moe(adapter)
             if self.fused:
                 self._enter_fused(model)
             else:
-                self._handles = [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
+                self._handles += [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
                                  for layer in self.layers]
             if positions != "all":
                 self._handles.append(adapter.body.register_forward_pre_hook(self._track_phase, with_kwargs=True))
@@ -124,6 +134,23 @@ class Steering:
             self.remove()
             raise
         active.append(self)
+
+    def _enter_moe(self, adapter: MoEAdapter) -> None:
+        """Row hooks for the routed circuit neurons; track the batch rows for shared experts' flattened tokens."""
+        from .moe_steering import RoutedSteering, expert_scales
+
+        if backend_for(next(adapter.mlp(int(self.circuits[0].layers[0])).parameters())) == "triton":
+            warnings.warn("the fused Triton kernels do not cover mixture-of-experts layers: steering takes the hook "
+                          "path", stacklevel=3)
+        self._handles.append(adapter.body.register_forward_pre_hook(self._track_rows, with_kwargs=True))
+        scales = expert_scales(self.circuits, self.multipliers)
+        if scales:
+            self._routed = RoutedSteering(adapter, scales, lambda: (self.positions, self._prompt_part))
+
+    def _track_rows(self, module, args, kwargs) -> None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
+        self._batch_rows = inputs.shape[0]
 
     def _enter_fused(self, model: nn.Module) -> None:
         """Patch the circuit layers' MLPs with act_and_scale_sparse; per-row tables index by batch row."""
@@ -149,13 +176,14 @@ class Steering:
         """Merge all circuits per layer: a neuron in several circuits gets the product of their multipliers."""
         per_row = self.multipliers.dim() == 2
         layers: dict[int, _LayerScale] = {}
-        all_layers = torch.cat([circuit.layers for circuit in self.circuits]).unique().tolist()
+        all_layers = torch.cat([circuit.layers[~circuit.routed] for circuit in self.circuits]).unique().tolist()
         for layer in all_layers:
-            neurons = torch.cat([circuit.neurons[circuit.layers == layer] for circuit in self.circuits]).unique()
+            neurons = torch.cat([circuit.neurons[~circuit.routed & (circuit.layers == layer)]
+                                 for circuit in self.circuits]).unique()
             shape = (self.multipliers.shape[0], neurons.numel()) if per_row else (neurons.numel(),)
             scale = torch.ones(shape, dtype=torch.float32)
             for column, circuit in enumerate(self.circuits):
-                members = torch.isin(neurons, circuit.neurons[circuit.layers == layer])
+                members = torch.isin(neurons, circuit.neurons[~circuit.routed & (circuit.layers == layer)])
                 factor = self.multipliers[..., column]
                 scale[..., members] *= factor[:, None] if per_row else factor
             layers[layer] = _LayerScale(neurons, scale)
@@ -188,6 +216,8 @@ class Steering:
 
         def hook(module, args):
             hidden = args[0]
+            if hidden.dim() == 2 and self._batch_rows:  # an MoE shared expert sees [batch * seq, width]
+                hidden = hidden.view(self._batch_rows, -1, hidden.shape[-1])
             if self.positions == "prompt":
                 hidden = hidden[:, :self._prompt_part]
             elif self.positions == "generated":
@@ -210,6 +240,9 @@ class Steering:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._routed is not None:
+            self._routed.remove()
+            self._routed = None
         self._fused.close()
         active = _active(self.model)
         if self in active:
