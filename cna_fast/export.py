@@ -20,6 +20,7 @@ from torch import nn
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
+from .models.moe import scale_expert_columns
 from .steering import as_multiplier
 
 _STEERING_FILE = "cna_fast_steering.json"
@@ -111,6 +112,16 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     adapter = get_adapter(model)
     state = model.state_dict()
     names = {id(module): name for name, module in model.named_modules()}
+    copied: set[str] = set()
+    for (layer, expert), neurons in circuit.by_expert().items():
+        experts = adapter.experts(layer)
+        key = f"{names[id(experts)]}.down_proj"
+        if key not in state or not state[key].is_floating_point():
+            raise CNAError("a folded export needs full-precision expert weights; load the model unquantized")
+        if key not in copied:  # scaled copies only: the model in memory keeps its weights
+            state[key] = state[key].clone()
+            copied.add(key)
+        scale_expert_columns(state[key], experts.is_transposed, expert, neurons, multiplier)
     for layer, neurons in circuit.by_layer().items():
         down = adapter.neuron_site(layer)
         if _is_quantized(down):
@@ -143,6 +154,10 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     circuit.validate(model)
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
+    if circuit.routed.any():
+        raise CNAError("a LoRA export of routed-expert neurons is not supported (PEFT's expert-parameter LoRA is not "
+                       "served per request by vLLM): use the folded export (export_folded, cna export --format "
+                       "folded)")
     adapter = get_adapter(model)
     by_layer = circuit.by_layer()
     rank = max(neurons.numel() for neurons in by_layer.values())
