@@ -50,6 +50,9 @@ def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
     parser.add_argument("--universal-filter", action="store_true",
                         help="drop neurons that fire for everything (bundled diverse prompts)")
+    parser.add_argument("--moe-mode", choices=("effective", "conditional"), default="effective",
+                        help="mixture-of-experts models: routed-neuron statistics of router weight x activation "
+                             "(0 when not routed; default) or over routed tokens only")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -185,7 +188,7 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
         top_frac=args.top_frac if args.top_frac is not None else 0.001, position=args.position, score=args.score,
         exclude_layers=args.exclude_layers, chat_template=False if args.no_chat_template else None,
         batch_size=args.batch_size, universal_filter=args.universal_filter, progress=verbose and not args.quiet,
-        distributed=distributed, **_stream_options(args),
+        distributed=distributed, moe_mode=getattr(args, "moe_mode", "effective"), **_stream_options(args),
     )
     elapsed = time.perf_counter() - started
     if verbose:

@@ -430,3 +430,20 @@ def test_lora_export_of_routed_neurons_names_the_folded_export(tokenizer, tmp_pa
     with pytest.raises(CNAError, match="folded"):
         export_lora(model, mixed_circuit(model), 0.0, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_fused_backend_falls_back_to_hooks_on_moe_with_a_warning(tokenizer, monkeypatch):
+    """The Triton kernels do not cover routed experts: forcing them warns and gives the hook path's results."""
+    model = build_tiny_moe("qwen2_moe", len(tokenizer))
+    expected = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, progress=False)
+    circuit = mixed_circuit(model)
+    ids = token_ids(len(tokenizer))
+    with steer(model, circuit, 0.5):
+        steered = logits_of(model, ids)
+    monkeypatch.setenv("CNA_FAST_BACKEND", "triton")
+    with pytest.warns(UserWarning, match="do not cover routed experts"):
+        stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, progress=False)
+    assert torch.equal(stats.routed.mean, expected.routed.mean)
+    with pytest.warns(UserWarning, match="do not cover mixture-of-experts"):
+        with steer(model, circuit, 0.5):
+            assert torch.equal(logits_of(model, ids), steered)
