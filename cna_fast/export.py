@@ -20,7 +20,7 @@ from torch import nn
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
-from .models.moe import scale_expert_columns
+from .models.moe import expert_columns, scale_expert_columns
 from .steering import as_multiplier
 
 _STEERING_FILE = "cna_fast_steering.json"
@@ -142,25 +142,50 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     return Path(out_dir)
 
 
+def _expert_lora(adapter, by_expert: dict[tuple[int, int], torch.Tensor], multiplier: float, rank: int,
+                 names: dict[int, str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """PEFT ParamWrapper tensors for the routed neurons, added to `tensors`; returns the target parameters.
+
+    Per expert e the update is the dense one (A_e one-hot rows, B_e = (m - 1) D_e[:, neurons]). PEFT
+    stores A as [r * E, width] with rows e * r + k, and B as [out, r * E] with columns k * E + e.
+    """
+    targets = []
+    for layer in sorted({layer for layer, _ in by_expert}):
+        experts = adapter.experts(layer)
+        count, width = adapter.num_experts, adapter.expert_width
+        out = experts.down_proj.shape[2] if experts.is_transposed else experts.down_proj.shape[1]
+        lora_a = torch.zeros(rank * count, width, dtype=torch.float32)
+        lora_b = torch.zeros(out, rank * count, dtype=torch.float32)
+        for (owner, expert), neurons in by_expert.items():
+            if owner != layer:
+                continue
+            slots = torch.arange(neurons.numel())
+            lora_a[expert * rank + slots, neurons] = 1.0
+            lora_b[:, slots * count + expert] = (multiplier - 1.0) * expert_columns(experts, expert, neurons).float().cpu()
+        name = names[id(experts)]
+        targets.append(f"{name}.down_proj")
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+    return targets
+
+
 def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: str | os.PathLike, *,
                 force: bool = False) -> Path:
     """Write a PEFT LoRA adapter on the down projections that applies the circuit at `multiplier`.
 
     Rank r is the largest number of circuit neurons in one layer (layers with fewer get zero
     padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
+    Routed-expert neurons go into PEFT's LoRA on the 3-D expert down projections
+    (`target_parameters`, one rank-r update per expert; r also covers the most neurons of one expert).
     """
     multiplier = as_multiplier(multiplier)
     output = _OutputFolder(out_dir, force)
     circuit.validate(model)
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
-    if circuit.routed.any():
-        raise CNAError("a LoRA export of routed-expert neurons is not supported (PEFT's expert-parameter LoRA is not "
-                       "served per request by vLLM): use the folded export (export_folded, cna export --format "
-                       "folded)")
     adapter = get_adapter(model)
-    by_layer = circuit.by_layer()
-    rank = max(neurons.numel() for neurons in by_layer.values())
+    by_layer, by_expert = circuit.by_layer(), circuit.by_expert()
+    rank = max(neurons.numel() for neurons in [*by_layer.values(), *by_expert.values()])
     names = {id(module): name for name, module in model.named_modules()}
     tensors, targets = {}, []
     conv1d = False
@@ -179,6 +204,7 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model_name(model),
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "target_modules": targets,
+        "target_parameters": _expert_lora(adapter, by_expert, multiplier, rank, names, tensors) or None,
         "fan_in_fan_out": conv1d, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None,
     }

@@ -423,13 +423,23 @@ def test_dense_circuit_files_still_load(tiny_llama, tokenizer, tmp_path):
     assert "expert" not in loaded.to_csv().splitlines()[0]
 
 
-def test_lora_export_of_routed_neurons_names_the_folded_export(tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_lora_export_on_expert_parameters_equals_steering(family, tokenizer, tmp_path):
+    """PEFT's LoRA on the 3-D expert down projections (plus ordinary down projections) reproduces steering."""
+    from peft import PeftModel
+
     from cna_fast.export import export_lora
 
-    model = build_tiny_moe("mixtral", len(tokenizer))
-    with pytest.raises(CNAError, match="folded"):
-        export_lora(model, mixed_circuit(model), 0.0, tmp_path / "lora")
-    assert not (tmp_path / "lora").exists()
+    model = build_tiny_moe(family, len(tokenizer))
+    circuit = mixed_circuit(model)
+    ids = token_ids(len(tokenizer))
+    with steer(model, circuit, 0.5):
+        expected = logits_of(model, ids)
+    export_lora(model, circuit, 0.5, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and len(config["target_parameters"]) == 2  # (last layer, expert 3) has 2 neurons
+    with_lora = PeftModel.from_pretrained(build_tiny_moe(family, len(tokenizer)), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits_of(with_lora, ids), expected, rtol=0, atol=1e-5)
 
 
 def test_fused_backend_falls_back_to_hooks_on_moe_with_a_warning(tokenizer, monkeypatch):
