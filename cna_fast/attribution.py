@@ -18,8 +18,8 @@ from .capture import (Capturer, Checkpoint, capture_contrast, uses_chat_template
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
-from .stats import NEGATIVE, POSITIVE, NeuronStats
 from .moe_stats import MoEStats
+from .stats import NEGATIVE, POSITIVE, NeuronStats
 
 SCORES = ("diff", "t", "d")
 DEFAULT_TOP_FRAC = 0.001

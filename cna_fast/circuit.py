@@ -262,7 +262,8 @@ def _check_experts_fit(circuit: Circuit, fingerprint: dict[str, Any]) -> None:
     routed = circuit.routed
     for layer, expert, neuron in zip(circuit.layers[routed].tolist(), circuit.experts[routed].tolist(),
                                      circuit.neurons[routed].tolist()):
-        if layer not in theirs["layers"] or not 0 <= expert < theirs["num_experts"] or not 0 <= neuron < theirs["width"]:
+        if (layer not in theirs["layers"] or not 0 <= expert < theirs["num_experts"]
+                or not 0 <= neuron < theirs["width"]):
             raise CircuitMismatchError(
                 f"circuit neuron (layer {layer}, expert {expert}, index {neuron}) does not exist in this model "
                 f"(MoE layers {theirs['layers']}, {theirs['num_experts']} experts x {theirs['width']} neurons)")

@@ -161,7 +161,8 @@ def _expert_lora(adapter, by_expert: dict[tuple[int, int], torch.Tensor], multip
                 continue
             slots = torch.arange(neurons.numel())
             lora_a[expert * rank + slots, neurons] = 1.0
-            lora_b[:, slots * count + expert] = (multiplier - 1.0) * expert_columns(experts, expert, neurons).float().cpu()
+            columns = expert_columns(experts, expert, neurons).float().cpu()  # [out, k]
+            lora_b[:, slots * count + expert] = (multiplier - 1.0) * columns
         name = names[id(experts)]
         targets.append(f"{name}.down_proj")
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()

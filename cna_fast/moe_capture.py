@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+
 import torch
 
 from .capture import Batch, Capturer, _Recorder, _StopForward
@@ -55,7 +56,7 @@ class BatchSamples:
 
 def sample_rows(samples: BatchSamples, mode: str, num_experts: int, h: torch.Tensor, experts: torch.Tensor,
                 tokens: torch.Tensor, routing: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The experts' rows of one forward as (values [R, W] float64, experts [R], labels [R]), one per (sample, expert)."""
+    """One forward's expert rows as (values [R, W] float64, experts [R], labels [R]), one per (sample, expert)."""
     device = h.device
     sample = samples.token_sample.to(device)[tokens]
     keep = sample >= 0
@@ -199,8 +200,8 @@ class MoECapturer(Capturer):
 
 def capturer_class(model) -> type[Capturer]:
     """MoECapturer for mixture-of-experts models, Capturer otherwise."""
-    from .models.moe import MoEAdapter
     from .models import get_adapter
+    from .models.moe import MoEAdapter
 
     return MoECapturer if isinstance(get_adapter(model), MoEAdapter) else Capturer
 

@@ -75,7 +75,8 @@ def expert_activation(experts: nn.Module, x: torch.Tensor, expert: int) -> torch
     weight = (experts.gate_up_proj if experts.has_gate else experts.up_proj)[expert].double()
     projected = x.double() @ (weight if experts.is_transposed else weight.T)
     if experts.has_bias:
-        projected = projected + (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[expert].double()
+        bias = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+        projected = projected + bias[expert].double()
     return experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)
 
 
