@@ -201,6 +201,8 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         raise CNAError("every layer is excluded: leave at least one layer to search")
     if top_k is not None:
         resolve_top_k(top_k, top_frac, adapter.num_neurons, adapter.neurons_in(layers))
+    if "experts" in adapter.fingerprint() and universal_filter is not False and universal_filter is not None:
+        raise CNAError("the universal-neuron filter does not cover mixture-of-experts models yet: run without it")
     common = dict(layers=layers, position=position, chat_template=chat_template, batch_size=batch_size,
                   progress=progress)
     saver = None
@@ -223,8 +225,6 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if isinstance(stats, MoEStats):
-        if universal is not None:
-            raise CNAError("the universal-neuron filter does not cover mixture-of-experts models yet: run without it")
         return attribute_moe(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
                              total_neurons=adapter.num_neurons, meta=meta)
     circuit = attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,

@@ -94,3 +94,11 @@ def test_cli_discover_and_inspect_on_moe(moe_dir, prompt_files, tmp_path, capsys
     report = capsys.readouterr().out
     assert "expert" in report and "routing frequency per prompt" in report
     assert (tmp_path / "c.csv").read_text().splitlines()[0].startswith("rank,layer,expert,neuron")
+
+
+def test_universal_filter_on_moe_is_a_clear_error(tokenizer):
+    from cna_fast.errors import CNAError
+
+    model = build_tiny_moe("olmoe", len(tokenizer))
+    with pytest.raises(CNAError, match="universal-neuron filter"):
+        discover(model, tokenizer, POSITIVE, NEGATIVE, top_k=3, universal_filter=True, progress=False)
