@@ -156,23 +156,29 @@ class Circuit:
         return "\n".join(lines + routing_lines(self.meta.get("routing"), top))
 
     def random_like(self, seed: int = 0) -> "Circuit":
-        """A control circuit: as many neurons in each layer as this one, drawn at random among the others."""
-        width = self.fingerprint.get("d_ff")
-        if not isinstance(width, int):
-            raise CNAError("a random control circuit needs the circuit's fingerprint (uniform d_ff)")
+        """A control circuit: as many neurons in each layer (and expert) as this one, drawn at random among the others."""
+        d_ff = self.fingerprint.get("d_ff")
+        if d_ff is None:
+            raise CNAError("a random control circuit needs the circuit's fingerprint (made by discover)")
+        groups = [(layer, -1, members, d_ff[layer] if isinstance(d_ff, list) else d_ff)
+                  for layer, members in self.by_layer().items()]
+        groups += [(layer, expert, members, self.fingerprint["experts"]["width"])
+                   for (layer, expert), members in self.by_expert().items()]
         generator = torch.Generator().manual_seed(seed)
-        layers, neurons = [], []
-        for layer, members in self.by_layer().items():
+        layers, experts, neurons = [], [], []
+        for layer, expert, members, width in groups:
             candidates = torch.ones(width, dtype=torch.bool)
             candidates[members] = False
             pool = candidates.nonzero().flatten()
             chosen = pool[torch.randperm(pool.numel(), generator=generator)[:members.numel()]]
             layers += [layer] * members.numel()
+            experts += [expert] * members.numel()
             neurons += chosen.tolist()
         nan = torch.full((len(layers),), float("nan"))
         meta = {**self.meta, "random_control": {"seed": seed}}
         return Circuit(layers=layers, neurons=neurons, scores=nan, deltas=nan, mean_positive=nan, mean_negative=nan,
-                       std_positive=nan, std_negative=nan, meta=meta)
+                       std_positive=nan, std_negative=nan, meta=meta,
+                       experts=experts if self.experts is not None else None)
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per neuron, in rank order."""

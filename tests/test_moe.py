@@ -458,3 +458,14 @@ def test_fused_backend_falls_back_to_hooks_on_moe_with_a_warning(tokenizer, monk
     with pytest.warns(UserWarning, match="do not cover mixture-of-experts"):
         with steer(model, circuit, 0.5):
             assert torch.equal(logits_of(model, ids), steered)
+
+
+def test_random_control_circuit_keeps_layers_and_experts(tokenizer):
+    model = build_tiny_moe("deepseek_v3", len(tokenizer))
+    circuit = mixed_circuit(model)
+    control = circuit.random_like(seed=3)
+    assert sorted(zip(control.layers.tolist(), control.experts.tolist())) == sorted(
+        zip(circuit.layers.tolist(), circuit.experts.tolist()))
+    assert not set(zip(control.layers.tolist(), control.experts.tolist(), control.neurons.tolist())) & set(
+        zip(circuit.layers.tolist(), circuit.experts.tolist(), circuit.neurons.tolist()))
+    control.validate(model)
