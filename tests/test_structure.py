@@ -217,3 +217,15 @@ def test_deprecated_names_still_work_and_warn(tiny_llama, tokenizer):
     assert len(texts) == 1
     assert sum(issubclass(w.category, DeprecationWarning) for w in caught) >= 5
     assert cna_fast.UniversalFilter and cna_fast.Steering and cna_fast.CaptureSettings
+
+
+def test_discover_rejects_sloppy_python_inputs(tiny_llama, tokenizer):
+    """A string is not a prompt set, and exclude_layers takes a list: clear errors instead of odd results."""
+    cases = [(("zebra stripes", NEGATIVE), {}, "positive prompts must be a list"),
+             ((POSITIVE, b"bytes"), {}, "negative prompts must be a list"),
+             ((POSITIVE, NEGATIVE), {"exclude_layers": 5}, "exclude_layers must be a list"),
+             ((POSITIVE, NEGATIVE), {"universal_filter": "yes"}, "universal_filter must be"),
+             ((POSITIVE, NEGATIVE), {"exclude_layers": [0, 1, 2, 3]}, "every layer is excluded")]
+    for (positive, negative), options, pattern in cases:
+        with pytest.raises(CNAError, match=pattern):
+            discover(tiny_llama, tokenizer, positive, negative, top_k=3, progress=False, **options)
