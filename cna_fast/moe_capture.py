@@ -1,7 +1,7 @@
 """Capture on mixture-of-experts models: ordinary neurons through down-projection pre-hooks (as in
 dense models), routed neurons through row hooks inside the experts' forward (models/moe.py).
 
-Every position mode works: "last" and "all" make each selected token one sample; "mean" makes a
+Every reduction works: "last" and "all" make each selected token one sample; "mean" makes a
 prompt's mean over its tokens one sample (effective mode: sum of w * h over the prompt's routed
 tokens divided by its length; conditional mode: the mean of h over the tokens routed to the expert).
 The shared chat-template prefix is reused through the KV cache for "last" only; for "all" and
@@ -9,15 +9,23 @@ The shared chat-template prefix is reused through the KV cache for "last" only; 
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .capture import Batch, Capturer, _Recorder, _StopForward
-from .kernels import backend_for
-from .models.moe import RowHook, register_row_hook
-from .moe_stats import ExpertMoments, ExpertStats, MoEStats, validate_mode
+from .batching import Batch, pad_batch
+from .capture import Capturer, SharedPrefix, _forward_body, _Recorder, _StopForward
+from .errors import CNAError
+from .hooks import HookSet
+from .models import get_adapter
+from .models.fused import fused_backend
+from .models.moe import MoEAdapter, RowHook, row_hook
+from .moe_stats import ExpertMoments, ExpertStats, MoEStats
+from .settings import CaptureSettings
 from .stats import NeuronStats
 
 
@@ -35,16 +43,16 @@ class BatchSamples:
     per_group: torch.Tensor
 
     @classmethod
-    def of(cls, batch: Batch, position: str, n_groups: int) -> "BatchSamples":
+    def of(cls, batch: Batch, reduction: str, n_groups: int) -> "BatchSamples":
         mask = batch.attention_mask.bool()
         rows, width = mask.shape
         token_sample = torch.full((rows, width), -1, dtype=torch.long)
         sizes = None
         labels = batch.labels
-        if position == "last":
+        if reduction == "last":
             last = batch.lengths - 1 if batch.padding_side == "right" else torch.full_like(batch.lengths, width - 1)
             token_sample[torch.arange(rows), last] = torch.arange(rows)
-        elif position == "all":
+        elif reduction == "all":
             token_sample[mask] = torch.arange(int(mask.sum()))
             labels = batch.labels[:, None].expand(rows, width)[mask]
         else:
@@ -76,142 +84,153 @@ def sample_rows(samples: BatchSamples, mode: str, num_experts: int, h: torch.Ten
 
 
 class _MoERecorder(_Recorder):
-    """Ordinary-neuron rows by pre-hooks (as for dense models), routed rows folded by row hooks;
-    the forward stops after the last captured layer's MLP block."""
+    """Ordinary-neuron rows by pre-hooks on dense and shared-expert down projections (as for dense
+    models); the forward stops after the last captured layer's MLP block. Routed rows are folded
+    by the accumulator's row hooks."""
 
-    def __init__(self, capturer: "MoECapturer") -> None:
-        super().__init__(capturer.adapter, capturer.layers, capturer.position)
-        self.capturer = capturer
-        self.samples: BatchSamples | None = None
-        self.moments: dict[int, ExpertMoments] = {}
-
-    def __enter__(self) -> "_MoERecorder":
-        adapter = self.adapter
+    def install(self, hooks: HookSet) -> None:
         for slot, layer in enumerate(self.layers):
-            if adapter.widths[layer]:
-                site = adapter.neuron_site(layer)
-                self._handles.append(site.register_forward_pre_hook(self._make_hook(slot, stop=False)))
-            if adapter.layers[layer].experts is not None:
-                self._handles.append(register_row_hook(adapter.experts(layer), self._routed_hook(layer)))
-        self._handles.append(adapter.mlp(self.last_layer).register_forward_hook(self._stop))
-        return self
+            if self.adapter.widths[layer]:
+                hooks.pre_hook(self.adapter.neuron_site(layer), self._make_hook(slot, stop=False))
+        hooks.post_hook(self.adapter.mlp(max(self.layers)), self._stop)
+
+    def _stop(self, module, args, output) -> None:
+        if self._current is not None:
+            raise _StopForward
 
     def _reduce(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
         """Shared experts may see the tokens flattened to [B*T, d] (Qwen2-MoE): restore [B, T, d] first."""
         if hidden.dim() == 2:
-            hidden = hidden[None] if self.record_prefix else hidden.view(self.batch.input_ids.shape[0], -1,
-                                                                         hidden.shape[-1])
+            hidden = hidden.view(self._current.batch.input_ids.shape[0], -1, hidden.shape[-1])
         return super()._reduce(slot, hidden)
 
-    @staticmethod
-    def _stop(module, args, output):
-        raise _StopForward
 
-    def _routed_hook(self, layer: int) -> RowHook:
+class _MoEPrefix(SharedPrefix):
+    """The shared prefix of an MoE model: its keys and values only ("last" is the one reduction that reuses it)."""
+
+    def __init__(self, model: nn.Module, tokens: Sequence[int], layers: Sequence[int]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.tokens = list(tokens)
+        self.rows = [None] * len(layers)
+        cache = DynamicCache(config=model.config)
+        with HookSet() as hooks:
+            hooks.post_hook(get_adapter(model).mlp(max(layers)), _raise_stop)
+            _forward_body(model, pad_batch([self.tokens], [0], 0, "right"), cache)
+        self._kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
+
+
+def _raise_stop(module, args, output) -> None:
+    raise _StopForward
+
+
+class _MoEAccumulator:
+    """Capture's accumulator for MoE models: ordinary neurons in NeuronStats per (device, width),
+    routed neurons in ExpertMoments per layer (on its device), folded by row hooks during each forward."""
+
+    records = True
+
+    def __init__(self, adapter: MoEAdapter, layers: list[int], n_groups: int, mode: str,
+                 initial: MoEStats | None) -> None:
+        self.adapter, self.n_groups, self.mode = adapter, n_groups, mode
+        self.routed_layers = [layer for layer in layers if adapter.layers[layer].experts is not None]
+        self.parts = self._ordinary_parts(layers, n_groups, initial)
+        self.moments = {layer: (initial.routed.to_moments(slot, adapter.layer_device(layer)) if initial is not None
+                                else ExpertMoments(adapter.num_experts, adapter.expert_width, n_groups, mode,
+                                                   adapter.layer_device(layer)))
+                        for slot, layer in enumerate(self.routed_layers)}
+        self.samples_seen = initial.count.clone() if initial is not None else torch.zeros(n_groups, dtype=torch.float64)
+
+    def _ordinary_parts(self, layers: list[int], n_groups: int, initial: MoEStats | None):
+        groups: dict[tuple[torch.device, int], list[int]] = {}
+        for slot, layer in enumerate(layers):
+            if self.adapter.widths[layer]:
+                groups.setdefault((self.adapter.layer_device(layer), self.adapter.widths[layer]), []).append(slot)
+        parts = []
+        for (device, width), slots in groups.items():
+            part = NeuronStats([layers[slot] for slot in slots], width, n_groups, device=device)
+            if initial is not None:  # each part starts from an exact copy of its layers
+                source = next(other for other in initial.ordinary if other.width == width)
+                rows = [source.layer_row(layer) for layer in part.layers]
+                part.count = source.count.to(device).clone()
+                part.mean, part.m2 = source.mean[rows].to(device).clone(), source.m2[rows].to(device).clone()
+            parts.append((slots, part))
+        return parts
+
+    @contextlib.contextmanager
+    def forward_context(self, forward, reduction: str) -> Iterator[None]:
+        """Row hooks on the routed layers' experts for one forward; closes the batch's moments after it."""
+        samples = BatchSamples.of(forward.batch, reduction, self.n_groups)
+        with HookSet() as hooks:
+            for layer in self.routed_layers:
+                hooks.enter(row_hook(self.adapter.experts(layer), self._folder(layer, samples)))
+            yield
+        for moments in self.moments.values():
+            moments.end_batch(samples.per_group)
+        self.samples_seen += samples.per_group
+
+    def _folder(self, layer: int, samples: BatchSamples) -> RowHook:
+        moments = self.moments[layer]
+
         def hook(h: torch.Tensor, experts: torch.Tensor, tokens: torch.Tensor, routing: torch.Tensor) -> None:
-            if self.samples is None or self.record_prefix:
-                return
-            moments = self.moments[layer]
-            values, row_experts, labels = sample_rows(self.samples, moments.mode, moments.shape[0], h, experts,
+            values, row_experts, labels = sample_rows(samples, self.mode, self.adapter.num_experts, h, experts,
                                                       tokens, routing)
-            moments.fold(values, row_experts, labels, self.samples.per_group)
+            moments.fold(values, row_experts, labels, samples.per_group)
 
         return hook
+
+    def add(self, forward, rows: list[torch.Tensor], reduction: str) -> None:
+        batch = forward.batch
+        labels = batch.labels
+        if reduction == "all":
+            labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
+        for slots, stats in self.parts:
+            stats.update([rows[slot] for slot in slots], labels)
+
+    def gather(self) -> MoEStats:
+        by_width: dict[int, list[NeuronStats]] = {}
+        for _, part in self.parts:
+            by_width.setdefault(part.width, []).append(part)
+        ordinary = [NeuronStats.concat(group) for _, group in sorted(by_width.items())]
+        if self.routed_layers:
+            routed = ExpertStats.stack(self.routed_layers, [self.moments[layer] for layer in self.routed_layers],
+                                       self.mode)
+        else:  # only dense layers captured
+            routed = ExpertStats([], self.adapter.num_experts, self.adapter.expert_width, self.n_groups, self.mode)
+            routed.samples = self.samples_seen.clone()
+        return MoEStats(ordinary, routed)
 
 
 class MoECapturer(Capturer):
     """Capturer for mixture-of-experts models; returns MoEStats (see moe_stats.py for the modes)."""
 
-    def __init__(self, model, tokenizer, *, moe_mode: str = "effective", **settings) -> None:
-        super().__init__(model, tokenizer, **settings)
-        self.moe_mode = validate_mode(moe_mode)
-        probe = next(self.adapter.mlp(self.layers[0]).parameters())
-        if backend_for(probe) == "triton":
+    recorder_type = _MoERecorder
+
+    def __init__(self, model: nn.Module, tokenizer, settings: CaptureSettings | None = None, *,
+                 progress: bool = True, **options) -> None:
+        super().__init__(model, tokenizer, settings, progress=progress, **options)
+        if fused_backend(self.adapter, self.layers[0]) == "triton":
             warnings.warn("the fused Triton kernels do not cover routed experts yet: MoE capture takes the hook "
                           "path", stacklevel=2)
         self.fused = False
-        if self.position != "last":
+        if self.settings.reduction != "last":
             self.prefix = []  # prefix tokens run with each prompt, so their routed rows are samples too
-        self.routed_layers = [layer for layer in self.layers if self.adapter.layers[layer].experts is not None]
 
-    def _make_recorder(self, record: bool = True) -> _MoERecorder:
-        return _MoERecorder(self)
+    def _accumulator(self, n_groups: int, initial: MoEStats | None) -> _MoEAccumulator:
+        return _MoEAccumulator(self.adapter, self.layers, n_groups, self.settings.moe_mode, initial)
 
-    def _stats_per_device(self, n_groups: int, initial: MoEStats | None):
-        """Ordinary parts per (device, width) with their slots, and routed moments per layer on its device."""
-        self.n_groups = n_groups
-        self.samples_seen = initial.count.clone() if initial is not None else torch.zeros(n_groups, dtype=torch.float64)
-        groups: dict[tuple[torch.device, int], list[int]] = {}
-        for slot, layer in enumerate(self.layers):
-            if self.adapter.widths[layer]:
-                groups.setdefault((self.adapter.layer_device(layer), self.adapter.widths[layer]), []).append(slot)
-        ordinary = []
-        for (device, width), slots in groups.items():
-            layers = [self.layers[slot] for slot in slots]
-            part = NeuronStats(layers, width, n_groups, device=device)
-            if initial is not None:
-                source = next(p for p in initial.ordinary if p.width == width)
-                rows = [source.layer_row(layer) for layer in layers]
-                part.count = source.count.to(device).clone()
-                part.mean, part.m2 = source.mean[rows].to(device).clone(), source.m2[rows].to(device).clone()
-            ordinary.append((slots, part))
-        routed = {}
-        for slot, layer in enumerate(self.routed_layers):
-            device = self.adapter.layer_device(layer)
-            routed[layer] = (initial.routed.to_moments(slot, device) if initial is not None else
-                             ExpertMoments(self.adapter.num_experts, self.adapter.expert_width, n_groups,
-                                           self.moe_mode, device))
-        return ordinary, routed
-
-    def _run_batch(self, recorder: _MoERecorder, parts, sequences, labels, use_prefix: bool) -> None:
-        ordinary, routed = parts
-        recorder.moments = routed
-        batch, full, cache = self._prepare_batch(recorder, sequences, labels, use_prefix)
-        samples = BatchSamples.of(batch, self.position, self.n_groups)
-        recorder.samples = samples
-        try:
-            self._forward(full, cache)
-        finally:
-            recorder.samples = None
-        for moments in routed.values():
-            moments.end_batch(samples.per_group)
-        self.samples_seen += samples.per_group
-        row_labels = batch.labels
-        if self.position == "all":
-            row_labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
-        for slots, stats in ordinary:
-            stats.update([recorder.rows[slot] for slot in slots], row_labels)
-
-    def _gather(self, parts) -> MoEStats:
-        ordinary, routed = parts
-        by_width: dict[int, list[NeuronStats]] = {}
-        for _, part in ordinary:
-            by_width.setdefault(part.width, []).append(part)
-        merged = [NeuronStats.concat(group) for _, group in sorted(by_width.items())]
-        if self.routed_layers:
-            routed_stats = ExpertStats.stack(self.routed_layers, [routed[layer] for layer in self.routed_layers],
-                                             self.moe_mode)
-        else:  # only dense layers captured
-            routed_stats = ExpertStats([], self.adapter.num_experts, self.adapter.expert_width, self.n_groups,
-                                       self.moe_mode)
-            routed_stats.samples = self.samples_seen.clone()
-        return MoEStats(merged, routed_stats)
+    def _prepare(self, planned):
+        if planned.uses_prefix and self._shared is None:
+            self._shared = _MoEPrefix(self.model, self.prefix, self.layers)
+        return super()._prepare(planned)
 
 
-def capturer_class(model) -> type[Capturer]:
-    """MoECapturer for mixture-of-experts models, Capturer otherwise."""
-    from .models import get_adapter
-    from .models.moe import MoEAdapter
-
-    return MoECapturer if isinstance(get_adapter(model), MoEAdapter) else Capturer
-
-
-def moe_settings(model, moe_mode: str) -> dict:
-    """Capturer keyword arguments for MoE models ({} for dense ones, where only the effective default is valid)."""
-    if capturer_class(model) is MoECapturer:
-        return {"moe_mode": moe_mode}
-    if moe_mode != "effective":
-        from .errors import CNAError
-
-        raise CNAError(f"moe_mode={moe_mode!r} applies to mixture-of-experts models only; this model is dense")
-    return {}
+def capturer_class(model: nn.Module, settings: CaptureSettings) -> type[Capturer]:
+    """MoECapturer for mixture-of-experts models, Capturer otherwise (which only takes the effective default)."""
+    if isinstance(get_adapter(model), MoEAdapter):
+        return MoECapturer
+    if settings.moe_mode != "effective":
+        raise CNAError(f"moe_mode={settings.moe_mode!r} applies to mixture-of-experts models only; this model is "
+                       "dense")
+    return Capturer

@@ -12,7 +12,8 @@ import torch
 
 from .circuit import Circuit
 from .errors import CNAError
-from .models.moe import MoEAdapter, register_row_hook
+from .hooks import HookSet
+from .models.moe import MoEAdapter, row_hook
 
 
 class _ExpertScale:
@@ -49,58 +50,48 @@ def expert_scales(circuits: Sequence[Circuit], multipliers: torch.Tensor) -> dic
     return scales
 
 
-class RoutedSteering:
-    """Row hooks that scale the routed circuit neurons; `positions` and the prompt length come from `phase`.
+def install_routed_steering(adapter: MoEAdapter, scales: dict[int, _ExpertScale], hooks: HookSet,
+                            phase: Callable[[], tuple[str, int]]) -> None:
+    """Row hooks (removed with `hooks`) that scale the routed circuit neurons of each layer in `scales`.
 
     phase: returns (positions mode, how many leading positions of the current forward are prompt).
     """
+    for layer, entry in scales.items():
+        batch_shape: dict[str, tuple[int, int]] = {}
+        hooks.pre_hook(adapter.mlp(layer), _shape_recorder(batch_shape))
+        hooks.enter(row_hook(adapter.experts(layer), _scaling_hook(entry, batch_shape, phase)))
 
-    def __init__(self, adapter: MoEAdapter, scales: dict[int, _ExpertScale],
-                 phase: Callable[[], tuple[str, int]]) -> None:
-        self.phase = phase
-        self.handles = []
-        self.batch_shape: dict[int, tuple[int, int]] = {}
-        try:
-            for layer, entry in scales.items():
-                self.handles.append(adapter.mlp(layer).register_forward_pre_hook(self._shape_recorder(layer)))
-                self.handles.append(register_row_hook(adapter.experts(layer), self._make_hook(layer, entry)))
-        except BaseException:
-            self.remove()
-            raise
 
-    def _shape_recorder(self, layer: int):
-        def hook(module, args):
-            hidden = args[0]
-            self.batch_shape[layer] = tuple(hidden.shape[:2]) if hidden.dim() == 3 else (1, hidden.shape[0])
+def _shape_recorder(batch_shape: dict[str, tuple[int, int]]):
+    """Pre-hook on the MoE block: (rows, tokens per row) of the current forward (the experts see them flattened)."""
+    def hook(module, args):
+        hidden = args[0]
+        batch_shape["current"] = tuple(hidden.shape[:2]) if hidden.dim() == 3 else (1, hidden.shape[0])
 
-        return hook
+    return hook
 
-    def _make_hook(self, layer: int, entry: _ExpertScale):
-        def hook(h: torch.Tensor, experts: torch.Tensor, tokens: torch.Tensor, routing: torch.Tensor) -> None:
-            entry_experts, neurons, scale = entry.tensors(h.device, h.dtype)
-            rows, which = (experts[:, None] == entry_experts[None, :]).nonzero(as_tuple=True)
-            positions, prompt_part = self.phase()
-            if positions != "all" or scale.dim() == 2:
-                batch, length = self.batch_shape[layer]
-                token = tokens[rows]
-                if positions != "all":
-                    keep = (token % length < prompt_part) if positions == "prompt" else (token % length >= prompt_part)
-                    rows, which, token = rows[keep], which[keep], token[keep]
-                if scale.dim() == 2:
-                    if batch != scale.shape[0]:
-                        raise CNAError(f"per-row multipliers have {scale.shape[0]} rows but the batch has {batch}: "
-                                       "pass multipliers of shape [batch, n_circuits]")
-                    factor = scale[token // length, which]
-                else:
-                    factor = scale[which]
+
+def _scaling_hook(entry: _ExpertScale, batch_shape: dict[str, tuple[int, int]], phase: Callable[[], tuple[str, int]]):
+    def hook(h: torch.Tensor, experts: torch.Tensor, tokens: torch.Tensor, routing: torch.Tensor) -> None:
+        entry_experts, neurons, scale = entry.tensors(h.device, h.dtype)
+        rows, which = (experts[:, None] == entry_experts[None, :]).nonzero(as_tuple=True)
+        positions, prompt_part = phase()
+        if positions != "all" or scale.dim() == 2:
+            batch, length = batch_shape["current"]
+            token = tokens[rows]
+            if positions != "all":
+                keep = (token % length < prompt_part) if positions == "prompt" else (token % length >= prompt_part)
+                rows, which, token = rows[keep], which[keep], token[keep]
+            if scale.dim() == 2:
+                if batch != scale.shape[0]:
+                    raise CNAError(f"per-row multipliers have {scale.shape[0]} rows but the batch has {batch}: "
+                                   "pass multipliers of shape [batch, n_circuits]")
+                factor = scale[token // length, which]
             else:
                 factor = scale[which]
-            columns = neurons[which]
-            h[rows, columns] = h[rows, columns] * factor  # (row, column) pairs are distinct: one expert per row
+        else:
+            factor = scale[which]
+        columns = neurons[which]
+        h[rows, columns] = h[rows, columns] * factor  # (row, column) pairs are distinct: one expert per row
 
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    return hook

@@ -45,7 +45,7 @@ def test_hooked_experts_forward_is_bit_identical_for_every_implementation(family
         expected = logits_of(model, ids)
         adapter = get_adapter(model)
         rows = []
-        handles = [register_row_hook(adapter.experts(layer), lambda h, e, t, w: rows.append(h.shape))
+        handles = [register_row_hook(adapter.experts(layer), lambda h, e, t, w, rows=rows: rows.append(h.shape))
                    for layer in adapter.routed_layers]
         assert torch.equal(logits_of(model, ids), expected), implementation
         assert sum(shape[0] for shape in rows) == len(adapter.routed_layers) * ids.numel() * 2  # top-2 rows per token
@@ -88,9 +88,11 @@ def per_token_values(model, tokenizer, prompts: list[str]) -> list[dict]:
     for ids in encode_prompts(tokenizer, prompts):
         inputs, ordinary = {}, {}
         handles = [adapter.experts(layer).register_forward_pre_hook(
-            lambda module, args, layer=layer: inputs.__setitem__(layer, args)) for layer in adapter.routed_layers]
+            lambda module, args, layer=layer, inputs=inputs: inputs.__setitem__(layer, args))
+            for layer in adapter.routed_layers]
         handles += [adapter.neuron_site(layer).register_forward_pre_hook(
-            lambda module, args, layer=layer: ordinary.__setitem__(layer, args[0].reshape(-1, args[0].shape[-1])))
+            lambda module, args, layer=layer, ordinary=ordinary: ordinary.__setitem__(
+                layer, args[0].reshape(-1, args[0].shape[-1])))
             for layer in adapter.ordinary_layers()]
         logits_of(model, torch.tensor([ids]))
         for handle in handles:
@@ -147,7 +149,7 @@ def test_statistics_equal_a_float64_per_expert_loop(family, tokenizer):
     adapter = get_adapter(model)
     for position in POSITIONS:
         for mode in MODES:
-            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, position=position, moe_mode=mode,
+            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=position, moe_mode=mode,
                                      batch_size=3, progress=False)
             variance = stats.routed.variance()
             for slot, layer in enumerate(stats.routed.layers):
@@ -173,8 +175,8 @@ def test_every_experts_implementation_gives_the_same_statistics(family, tokenize
     results = {}
     for implementation in IMPLEMENTATIONS:
         model = build_tiny_moe(family, len(tokenizer), experts_implementation=implementation)
-        results[implementation] = [capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, position="all", moe_mode=mode,
-                                                    batch_size=4, progress=False) for mode in MODES]
+        results[implementation] = [capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction="all",
+                                                    moe_mode=mode, batch_size=4, progress=False) for mode in MODES]
     for implementation in ("batched_mm", "grouped_mm"):
         for reference, stats in zip(results["eager"], results[implementation]):
             assert torch.equal(stats.routed.count, reference.routed.count)
@@ -187,10 +189,10 @@ def test_every_experts_implementation_gives_the_same_statistics(family, tokenize
 def test_batch_size_and_padding_do_not_change_the_statistics(family, tokenizer):
     model = build_tiny_moe(family, len(tokenizer))
     for position in POSITIONS:
-        reference = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, position=position, batch_size=1,
+        reference = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=position, batch_size=1,
                                      progress=False)
         for batch_size, side in ((3, "right"), (8, "left")):
-            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, position=position, batch_size=batch_size,
+            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=position, batch_size=batch_size,
                                      padding_side=side, prefix_cache=False, progress=False)
             torch.testing.assert_close(stats.routed.mean, reference.routed.mean, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(stats.routed.variance(), reference.routed.variance(), rtol=1e-4, atol=1e-4)
@@ -203,7 +205,7 @@ def test_statistics_merge_save_and_load_exactly(tokenizer, tmp_path):
 
     One prompt per batch, so every split runs the same forwards and only the merge order differs."""
     model = build_tiny_moe("deepseek_v3", len(tokenizer))
-    settings = dict(position="all", moe_mode="conditional", batch_size=1, progress=False)
+    settings = dict(reduction="all", moe_mode="conditional", batch_size=1, progress=False)
     whole = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, **settings)
     first = capture_contrast(model, tokenizer, POSITIVE[:2], NEGATIVE[:3], **settings)
     second = capture_contrast(model, tokenizer, POSITIVE[2:], NEGATIVE[3:], **settings)
@@ -271,12 +273,12 @@ def test_planted_expert_neuron_ranks_first(family, tokenizer):
     model = build_tiny_moe(family, len(tokenizer))
     layer = plant_zebra_neuron(model, tokenizer)
     for mode in MODES:
-        circuit = discover(model, tokenizer, POSITIVE, NEGATIVE, top_k=5, position="all", moe_mode=mode,
+        circuit = discover(model, tokenizer, POSITIVE, NEGATIVE, top_k=5, reduction="all", moe_mode=mode,
                            progress=False)
         top = (int(circuit.layers[0]), int(circuit.experts[0]), int(circuit.neurons[0]))
         assert top == (layer, PLANT_EXPERT, PLANT_NEURON), (mode, circuit.summary())
         assert circuit.mean_negative[0] == 0.0 and circuit.deltas[0] > 0
-    stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, position="all", progress=False)
+    stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction="all", progress=False)
     frequency = stats.routed.routing_frequency()
     torch.testing.assert_close(frequency.sum(1), torch.full_like(frequency.sum(1), float(TOP_K)))  # k experts/token
 
@@ -289,7 +291,7 @@ def routed_circuit(model, layers, experts, neurons) -> Circuit:
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
     return Circuit(layers=layers, experts=experts, neurons=neurons, scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n),
-                   meta={"fingerprint": get_adapter(model).fingerprint()})
+                   meta={"fingerprint": get_adapter(model).architecture()})
 
 
 def mixed_circuit(model) -> Circuit:

@@ -35,12 +35,13 @@ def same_circuit(first: Circuit, second: Circuit, rtol: float = 0.0) -> None:
 
 
 def test_resume_after_crash_gives_the_uninterrupted_moe_circuit(tokenizer, tmp_path):
-    from cna_fast.attribution import run_identity
     from cna_fast.capture import Checkpoint, capture_contrast
+    from cna_fast.pipeline import run_identity
+    from cna_fast.settings import CaptureSettings
 
     model = build_tiny_moe("deepseek_v3", len(tokenizer))
     positive, negative = varied_prompts(40, 1, "zebra "), varied_prompts(40, 2)
-    settings = dict(top_k=6, batch_size=1, position="all", moe_mode="conditional", progress=False)  # windows of 32
+    settings = dict(top_k=6, batch_size=1, reduction="all", moe_mode="conditional", progress=False)  # windows of 32
     expected = discover(model, tokenizer, positive, negative, **settings)
     checkpoint = tmp_path / "run.checkpoint"
 
@@ -50,12 +51,11 @@ def test_resume_after_crash_gives_the_uninterrupted_moe_circuit(tokenizer, tmp_p
                 raise KeyboardInterrupt
             yield prompt
 
-    identity = run_identity(model, tokenizer, positive, negative, layers=list(range(4)), position="all",
-                            chat_template=None, batch_size=1, padding_side="right", max_length=None,
-                            moe_mode="conditional")
+    capture = CaptureSettings(batch_size=1, reduction="all", moe_mode="conditional")
+    identity = run_identity(model, tokenizer, positive, negative, CaptureSettings.build(capture, layers=range(4)))
     with pytest.raises(KeyboardInterrupt):
-        capture_contrast(model, tokenizer, positive, crashing(negative, 30), batch_size=1, position="all",
-                         moe_mode="conditional", progress=False, checkpoint=Checkpoint(checkpoint, 32, identity))
+        capture_contrast(model, tokenizer, positive, crashing(negative, 30), capture, progress=False,
+                         checkpoint=Checkpoint(checkpoint, 32, identity))
     assert 0 < MoEStats.load(checkpoint).meta["consumed"] < 80
     resumed = discover(model, tokenizer, positive, negative, checkpoint=checkpoint, checkpoint_every=32, resume=True,
                        **settings)
@@ -86,7 +86,7 @@ def test_cli_discover_and_inspect_on_moe(moe_dir, prompt_files, tmp_path, capsys
 
     out = tmp_path / "circuit.safetensors"
     code = main(["discover", "--positive", str(prompt_files[0]), "--negative", str(prompt_files[1]), "--model",
-                 str(moe_dir), "--out", str(out), "--csv", str(tmp_path / "c.csv"), "--top-k", "5", "--position",
+                 str(moe_dir), "--out", str(out), "--csv", str(tmp_path / "c.csv"), "--top-k", "5", "--reduction",
                  "mean", "--quiet"])
     assert code in (0, None)
     capsys.readouterr()

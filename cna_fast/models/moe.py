@@ -20,7 +20,8 @@ the inputs of ordinary down projections, one site per layer, as in dense models.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,6 +258,16 @@ class RowHookHandle:
 _next_key = iter(range(1 << 62))
 
 
+@contextmanager
+def row_hook(experts: nn.Module, hook: RowHook) -> Iterator[RowHookHandle]:
+    """`register_row_hook` for the duration of a block (e.g. inside a HookSet)."""
+    handle = register_row_hook(experts, hook)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
 def register_row_hook(experts: nn.Module, hook: RowHook) -> RowHookHandle:
     """Call `hook` on every (token, expert) row of `experts` until the handle is removed; hooks run in order."""
     if not is_experts_module(experts):
@@ -356,7 +367,7 @@ class MoEAdapter:
     def layer_device(self, layer: int) -> torch.device:
         return next(self.layers[layer].block.parameters()).device
 
-    def fingerprint(self) -> dict[str, Any]:
+    def architecture(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "num_layers": self.num_layers, "d_ff": list(self.widths),
                 "experts": {"layers": list(self.routed_layers), "num_experts": self.num_experts,
                             "width": self.expert_width}}
