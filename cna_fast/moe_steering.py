@@ -6,6 +6,7 @@ batch row and circuit, as for dense neurons; a neuron in several circuits gets t
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,6 +49,32 @@ def expert_scales(circuits: Sequence[Circuit], multipliers: torch.Tensor) -> dic
             scale[..., inside] *= factor[:, None] if per_row else factor
         scales[layer] = _ExpertScale(union >> 32, union & ((1 << 32) - 1), scale)
     return scales
+
+
+class BatchRows:
+    """The batch size of the current forward, for shared experts that see its tokens as [rows * seq, width]."""
+
+    rows = 0
+
+    def unflatten(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows * seq, width] -> a [rows, seq, width] view (other shapes unchanged)."""
+        return hidden.view(self.rows, -1, hidden.shape[-1]) if hidden.dim() == 2 and self.rows else hidden
+
+    def pre_hook(self, module, args, kwargs) -> None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        self.rows = (inputs if inputs is not None else kwargs.get("inputs_embeds")).shape[0]
+
+
+def install_moe_steering(adapter: MoEAdapter, circuits: Sequence[Circuit], multipliers: torch.Tensor,
+                         hooks: HookSet, backend: str, phase: Callable[[], tuple[str, int]]) -> BatchRows:
+    """Everything steering adds on an MoE model besides the ordinary neurons' pre-hooks; returns the row tracker."""
+    if backend == "triton":
+        warnings.warn("the fused Triton kernels do not cover mixture-of-experts layers: steering takes the hook path",
+                      stacklevel=4)
+    rows = BatchRows()
+    hooks.pre_hook(adapter.body, rows.pre_hook, with_kwargs=True)
+    install_routed_steering(adapter, expert_scales(circuits, multipliers), hooks, phase)
+    return rows
 
 
 def install_routed_steering(adapter: MoEAdapter, scales: dict[int, _ExpertScale], hooks: HookSet,

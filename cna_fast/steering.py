@@ -23,6 +23,7 @@ from .hooks import HookSet
 from .models import get_adapter
 from .models.fused import fused_backend, patched_scale
 from .models.moe import MoEAdapter
+from .moe_steering import install_moe_steering
 
 POSITION_MODES = ("all", "prompt", "generated")
 
@@ -111,16 +112,16 @@ class Steering:
         self._prompt_length = 0  # tokens of the current forward's prompt (positions="prompt"/"generated")
         self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
         self._previous_ids: torch.Tensor | None = None
-        self._batch_rows = 0  # rows of the current forward (MoE shared experts see tokens flattened)
-        # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel,
-        # unless positions are restricted or another fused steering already patches the MLPs.
-        # The fused kernels do not cover mixture-of-experts layers: those take the hook path.
+        self._moe_rows = None  # MoE models: rows of the current forward (shared experts see tokens flattened)
+        # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel, unless positions
+        # are restricted, another fused steering already patches the MLPs, or the model is MoE (hooks only).
         moe = isinstance(adapter, MoEAdapter)
         backend = fused_backend(adapter, int(self.circuits[0].layers[0]))
         self.fused = positions == "all" and backend == "triton" and not any(other.fused for other in active) and not moe
         with HookSet.building() as hooks:
             if moe:
-                self._enter_moe(adapter, hooks, backend)
+                self._moe_rows = install_moe_steering(adapter, self.circuits, self.multipliers, hooks, backend,
+                                                      lambda: (self.positions, self._prompt_part))
             if self.fused:
                 self._enter_fused(model, hooks)
             else:
@@ -136,22 +137,6 @@ class Steering:
         """Deprecated name of `layer_scales`."""
         warnings.warn("Steering.layers is deprecated: use Steering.layer_scales", DeprecationWarning, stacklevel=2)
         return self.layer_scales
-
-    def _enter_moe(self, adapter: MoEAdapter, hooks: HookSet, backend: str) -> None:
-        """Row hooks for the routed circuit neurons; track the batch rows for shared experts' flattened tokens."""
-        from .moe_steering import expert_scales, install_routed_steering
-
-        if backend == "triton":
-            warnings.warn("the fused Triton kernels do not cover mixture-of-experts layers: steering takes the hook "
-                          "path", stacklevel=3)
-        hooks.pre_hook(adapter.body, self._track_rows, with_kwargs=True)
-        install_routed_steering(adapter, expert_scales(self.circuits, self.multipliers), hooks,
-                                lambda: (self.positions, self._prompt_part))
-
-    def _track_rows(self, module, args, kwargs) -> None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
-        self._batch_rows = inputs.shape[0]
 
     def _enter_fused(self, model: nn.Module, hooks: HookSet) -> None:
         """Patch the circuit layers' MLPs with act_and_scale_sparse; per-row tables index by batch row."""
@@ -217,8 +202,7 @@ class Steering:
 
         def hook(module, args):
             hidden = args[0]
-            if hidden.dim() == 2 and self._batch_rows:  # an MoE shared expert sees [batch * seq, width]
-                hidden = hidden.view(self._batch_rows, -1, hidden.shape[-1])
+            hidden = self._moe_rows.unflatten(hidden) if self._moe_rows is not None else hidden
             if self.positions == "prompt":
                 hidden = hidden[:, :self._prompt_part]
             elif self.positions == "generated":
