@@ -20,6 +20,7 @@ from tests.tiny_moe import build_tiny_moe
 
 BATCH_SIZE = 32
 ROUNDS = 5
+PER_SIDE = 256
 CONFIG = dict(num_hidden_layers=8, hidden_size=256, moe_intermediate_size=128, num_experts=32, num_experts_per_tok=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
@@ -28,7 +29,7 @@ CONFIG = dict(num_hidden_layers=8, hidden_size=256, moe_intermediate_size=128, n
 def moe_setup():
     tokenizer = build_tokenizer()
     model = build_tiny_moe("qwen3_moe", len(tokenizer), experts_implementation="grouped_mm", **CONFIG)
-    return model, tokenizer, varied_prompts(64, 1, "zebra "), varied_prompts(64, 2)
+    return model, tokenizer, varied_prompts(PER_SIDE, 1, "zebra "), varied_prompts(PER_SIDE, 2)
 
 
 def _record(benchmark, positive, negative) -> None:

@@ -68,10 +68,11 @@ def sample_rows(samples: BatchSamples, mode: str, num_experts: int, h: torch.Ten
     device = h.device
     sample = samples.token_sample.to(device)[tokens]
     keep = sample >= 0
-    h, experts, sample, routing = h[keep], experts[keep], sample[keep], routing[keep]
-    values = h.to(torch.float64)
-    if mode == "effective":
-        values = values * routing.to(torch.float64)[:, None]
+    if not bool(keep.all()):  # "all" keeps every row: no copies then
+        h, experts, sample, routing = h[keep], experts[keep], sample[keep], routing[keep]
+    # Effective values are w * h as the model's dtype rounds it (one rounding; the sums are float64).
+    # A copy in every case: fold() squares it in place, and h is still on its way to the down projection.
+    values = (h * routing[:, None].to(h.dtype) if mode == "effective" else h).to(torch.float64, copy=True)
     if samples.sizes is not None:  # "mean": sum each (prompt, expert) pair's tokens, then divide
         pairs, inverse = torch.unique(sample * num_experts + experts, return_inverse=True)
         values = torch.zeros(pairs.numel(), values.shape[1], dtype=torch.float64, device=device).index_add_(
