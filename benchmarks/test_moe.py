@@ -1,14 +1,17 @@
 """Capture + statistics overhead on a tiny-but-not-trivial mixture-of-experts model.
 
 A random-weight Qwen3-MoE: 8 layers, hidden 256, 32 experts of width 128, top-4 routing
-(grouped_mm, transformers' default), 64 + 64 prompts. cna_fast's MoE capture (effective
+(grouped_mm, transformers' default), 256 + 256 prompts. cna_fast's MoE capture (effective
 statistics of every routed neuron, float64 moments) against the floor: a bare forward of the
 model body on the same batches, without hooks or statistics (with the shared-prefix KV cache for
 "last", as cna_fast runs it; full sequences for "all", where MoE capture runs the prefix with
-each prompt).
+each prompt), timed in the same round so that a shared machine's load affects both alike.
 
     python -m pytest benchmarks/test_moe.py --benchmark-json=benchmarks/results/moe.json
 """
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -32,23 +35,8 @@ def moe_setup():
     return model, tokenizer, varied_prompts(PER_SIDE, 1, "zebra "), varied_prompts(PER_SIDE, 2)
 
 
-def _record(benchmark, positive, negative) -> None:
-    benchmark.extra_info["prompts"] = len(positive) + len(negative)
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-
-
-@pytest.mark.parametrize("position", ["last", "all"])
-def test_moe_capture(benchmark, moe_setup, position):
-    model, tokenizer, positive, negative = moe_setup
-    stats = benchmark.pedantic(lambda: capture_contrast(model, tokenizer, positive, negative, reduction=position,
-                                                        batch_size=BATCH_SIZE, progress=False),
-                               rounds=ROUNDS, warmup_rounds=1)
-    assert stats.routed.mean.shape == (8, 32, 2, 128)
-    _record(benchmark, positive, negative)
-
-
 def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
-    """The batches cna_fast runs (length-sorted), as model-body inputs, and the shared prefix's cache (or None)."""
+    """The batches cna_fast runs (length-sorted), as model-body inputs, and the shared prefix's tokens."""
     tokens = shared_prefix(tokenizer) if use_prefix else []
     pad_id = pad_token_id(tokenizer)
     batches = []
@@ -60,15 +48,13 @@ def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
     return tokens, batches
 
 
-@pytest.mark.parametrize("position", ["last", "all"])
-def test_moe_floor_body_forward(benchmark, moe_setup, position):
-    """The same batches through the bare model body: no hooks, no statistics (the prefix cache for "last")."""
+def _floor(model, tokenizer, prompts: list[str], use_prefix: bool):
+    """A function that runs the same batches through the bare model body: no hooks, no statistics."""
     from transformers import DynamicCache
 
-    model, tokenizer, positive, negative = moe_setup
-    tokens, batches = _floor_batches(model, tokenizer, positive + negative, use_prefix=position == "last")
+    tokens, batches = _floor_batches(model, tokenizer, prompts, use_prefix)
     prefix_kv = None
-    if tokens:  # the prefix's keys/values are computed once, outside the timed region, as in cna_fast
+    if tokens:  # the prefix's keys/values are computed once, outside the timed region
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
             model.base_model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
@@ -84,5 +70,31 @@ def test_moe_floor_body_forward(benchmark, moe_setup, position):
                 model.base_model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                                  past_key_values=cache, use_cache=cache is not None)
 
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
-    _record(benchmark, positive, negative)
+    return run
+
+
+@pytest.mark.parametrize("reduction", ["last", "all"])
+def test_moe_capture_overhead(benchmark, moe_setup, reduction):
+    """Capture + statistics timed per round, each round right after a bare forward of the same batches.
+
+    extra_info["overhead"]: median over rounds of capture / floor - 1, so slow drifts of a shared
+    machine's load hit both sides of each ratio alike.
+    """
+    model, tokenizer, positive, negative = moe_setup
+    floor = _floor(model, tokenizer, positive + negative, use_prefix=reduction == "last")
+    floor_seconds = []
+
+    def time_floor() -> None:
+        started = time.perf_counter()
+        floor()
+        floor_seconds.append(time.perf_counter() - started)
+
+    stats = benchmark.pedantic(lambda: capture_contrast(model, tokenizer, positive, negative, reduction=reduction,
+                                                        batch_size=BATCH_SIZE, progress=False),
+                               setup=time_floor, rounds=ROUNDS, warmup_rounds=1)
+    assert stats.routed.mean.shape == (8, 32, 2, 128)
+    capture_seconds = benchmark.stats.stats.data
+    ratios = [capture / bare for capture, bare in zip(capture_seconds, floor_seconds[-len(capture_seconds):])]
+    benchmark.extra_info.update(prompts=len(positive) + len(negative), threads=torch.get_num_threads(),
+                                floor_seconds=floor_seconds[-len(capture_seconds):],
+                                overhead=statistics.median(ratios) - 1.0)
