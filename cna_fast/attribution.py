@@ -92,6 +92,7 @@ def attribute(stats: NeuronStats, *, top_k: int | None = None, top_frac: float |
     universal: optional bool mask [len(stats.layers), width] of neurons never to select.
     total_neurons: the model's neuron count for `top_frac` (default: the captured neurons).
     """
+    stats.check_contrast()
     scores = score_neurons(stats, score)
     excluded = set(int(layer) for layer in exclude_layers)
     eligible = torch.tensor([layer not in excluded for layer in stats.layers], device=scores.device)[:, None]

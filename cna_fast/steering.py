@@ -41,8 +41,20 @@ def as_multiplier(value: object) -> float:
     return number
 
 
+def check_multiplier_fits(multipliers: float | torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse multipliers that are not finite in `dtype`, the dtype they are applied in."""
+    values = torch.as_tensor(multipliers, dtype=torch.float64)
+    if not dtype.is_floating_point or values.numel() == 0:
+        return
+    limit = torch.finfo(dtype).max
+    largest = float(values.abs().max())
+    if largest > limit:
+        raise CNAError(f"multiplier {largest:g} is not finite in {str(dtype).removeprefix('torch.')} (its largest "
+                       f"value is {limit:.4g}): use a multiplier of at most {limit:.3g} in magnitude")
+
+
 def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tensor:
-    multipliers = torch.as_tensor(multipliers, dtype=torch.float32).detach().cpu()
+    multipliers = torch.as_tensor(multipliers, dtype=torch.float64).detach().cpu()
     if multipliers.dim() == 1:
         if multipliers.shape[0] != n_circuits:
             raise CNAError(f"multipliers must have one value per circuit ({n_circuits}), got shape "
@@ -52,7 +64,8 @@ def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tens
                        f"got shape {list(multipliers.shape)}")
     if not torch.isfinite(multipliers).all():
         raise CNAError("multipliers must be finite numbers: got NaN or infinity")
-    return multipliers
+    check_multiplier_fits(multipliers, torch.float32)
+    return multipliers.float()
 
 
 def circuit_key(circuit: Circuit) -> tuple:
@@ -109,6 +122,7 @@ class Steering:
         self._handles = []
         self._fused = contextlib.ExitStack()
         probe = next(adapter.neuron_site(next(iter(self.layers))).parameters())
+        check_multiplier_fits(self.multipliers, probe.dtype)
         # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel,
         # unless positions are restricted or another fused steering already patches the MLPs.
         self.fused = positions == "all" and backend_for(probe) == "triton" and not any(o.fused for o in active)
@@ -247,6 +261,22 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
     return Steering(model, circuits, multipliers, positions=positions, allow_stacking=allow_stacking)
 
 
+def _checked_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a non-empty list of strings; a single string is an error, not a list of characters."""
+    if isinstance(prompts, (str, bytes)):
+        raise CNAError("prompts must be a list of strings, got a single string: pass [prompt]")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise CNAError(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+    if not prompts:
+        raise CNAError("no prompts to generate from")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise CNAError(f"prompts[{index}] is {type(prompt).__name__}, not a string: give text prompts")
+    return prompts
+
+
 def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
     return None if multipliers is None or multipliers.dim() == 1 else multipliers[rows]
 
@@ -270,9 +300,9 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
 
     from .capture import encode_prompts, pad_batch
 
-    prompts = list(prompts)
-    if not prompts:
-        raise CNAError("no prompts to generate from")
+    prompts = _checked_prompts(prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise CNAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
     circuits = None if circuit is None else _as_circuits(circuit)
