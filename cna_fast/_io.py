@@ -38,6 +38,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[dict[str, Path]]:
+    """Write a set of files all or nothing: yield {path: temporary path}; move them all in place at the end.
+
+    A failure (a full disk on the last file) or Ctrl-C leaves none of the new files, so a command
+    never stops with a partial output set. None entries (outputs not asked for) are skipped.
+    """
+    with contextlib.ExitStack() as stack:
+        temporaries = {str(path): stack.enter_context(_kept_temporary(Path(path))) for path in paths if path}
+        yield temporaries
+        for path, tmp in temporaries.items():
+            if tmp.exists():
+                os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _kept_temporary(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` (no file yet), deleted on exit unless it was moved away."""
+    if not target.parent.is_dir():
+        from .errors import CNAError
+
+        raise CNAError(f"output folder {str(target.parent)!r} does not exist: create it first")
+    remove_leftovers(target)
+    fd, name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()  # the writer creates it (atomically, itself): only the unique name is reserved
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def umask() -> int:
     """The process's file-creation mask (read without changing it for long)."""
     mask = os.umask(0)

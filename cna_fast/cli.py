@@ -130,9 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, required=True)
     export.add_argument("--format", choices=("folded", "lora"), required=True)
-    export.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    export.add_argument("--out", required=True, help="output folder: new or empty (or a previous export with --force)")
     export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    export.add_argument("--force", action="store_true",
+                        help="replace a previous export (a folder holding cna_fast_steering.json); never other folders")
 
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
@@ -188,13 +189,15 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
 
 
 def _save(circuit, out: str | None, as_json: str | None = None, as_csv: str | None = None) -> None:
-    """Write the circuit file and, if asked, its JSON and CSV views."""
-    if out:
-        circuit.save(out)
-        print(f"wrote {out}")
-    for path, writer in ((as_json, circuit.to_json), (as_csv, circuit.to_csv)):
+    """Write the circuit file and, if asked, its JSON and CSV views: all of them or none."""
+    from ._io import atomic_outputs
+
+    with atomic_outputs((out, as_json, as_csv)) as temporary:
+        for path, writer in ((out, circuit.save), (as_json, circuit.to_json), (as_csv, circuit.to_csv)):
+            if path:
+                writer(temporary[str(path)])
+    for path in (out, as_json, as_csv):
         if path:
-            writer(path)
             print(f"wrote {path}")
 
 
@@ -382,14 +385,17 @@ def run_sweep(args) -> None:
               f"answers in French {languages['fr']:.0%}, in English {languages['en']:.0%}")
         for row in chosen:
             print(f"  [{row['language']:>7}] {printable(row['prompt'][:40]):<40} -> {row['output'][:70]!r}")
-    if args.out:
-        _write_rows(args.out, rows)
-        print(f"wrote {args.out}")
-    if args.plot:
-        from .plotting import plot_sweep
+    from ._io import atomic_outputs
+    from .plotting import plot_sweep
 
-        plot_sweep(rows, args.plot)
-        print(f"wrote {args.plot}")
+    with atomic_outputs((args.out, args.plot)) as temporary:  # both files or neither
+        if args.out:
+            _write_rows(temporary[args.out], rows)
+        if args.plot:
+            plot_sweep(rows, temporary[args.plot])
+    for path in (args.out, args.plot):
+        if path:
+            print(f"wrote {path}")
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:

@@ -7,6 +7,8 @@ with no partial file; 1 anything else, which is a bug, with a hint to report it.
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 from .errors import CNAError
 from .paths import check_distinct_inputs, check_model_folder, check_outputs
@@ -42,12 +44,22 @@ def describe_os_error(error: OSError) -> str:
     return f"{where}{fix}"
 
 
+def _os_error_inside(error: BaseException) -> OSError | None:
+    """The OSError behind an exception: itself, or one that a Rust-based library (safetensors, tokenizers)
+    reported only in its message as "(os error N)"."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
 def classify_failure(error: BaseException) -> tuple[int, str]:
     """Exit code and one-line message for an exception that ended a command."""
     if isinstance(error, CNAError):
         return EXIT_BAD_INPUT, f"error: {_one_line(error)}"
-    if isinstance(error, OSError):
-        return EXIT_BAD_INPUT, f"error: {_one_line(describe_os_error(error))}"
+    system = _os_error_inside(error)
+    if system is not None:
+        return EXIT_BAD_INPUT, f"error: {_one_line(describe_os_error(system))}"
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return EXIT_BAD_INPUT, ("error: out of memory: lower --batch-size, use a smaller model or a smaller dtype "
                                 f"({_one_line(error)[:200]})")
@@ -91,5 +103,10 @@ def check_command_paths(args) -> None:
     check_outputs(outputs, inputs)
     if args.command == "discover":
         check_distinct_inputs(("--positive", args.positive), ("--negative", args.negative))
+        checkpoint = outputs["--checkpoint"]
+        if getattr(args, "resume", False) and checkpoint and os.path.isfile(checkpoint):
+            from .stats import NeuronStats
+
+            NeuronStats.load(checkpoint)  # a damaged checkpoint fails now, not after the model loads
     if args.command == "export" and not str(args.out).strip():
         raise CNAError("--out is empty: give a new folder such as --out steered-model")
