@@ -18,7 +18,7 @@ from .capture import (Capturer, Checkpoint, capture_contrast, uses_chat_template
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
-from .stats import NEGATIVE, POSITIVE, NeuronStats
+from .stats import NEGATIVE, POSITIVE, NeuronStats, check_contrast
 
 SCORES = ("diff", "t", "d")
 DEFAULT_TOP_FRAC = 0.001
@@ -92,7 +92,7 @@ def attribute(stats: NeuronStats, *, top_k: int | None = None, top_frac: float |
     universal: optional bool mask [len(stats.layers), width] of neurons never to select.
     total_neurons: the model's neuron count for `top_frac` (default: the captured neurons).
     """
-    stats.check_contrast()
+    check_contrast(stats)
     scores = score_neurons(stats, score)
     excluded = set(int(layer) for layer in exclude_layers)
     eligible = torch.tensor([layer not in excluded for layer in stats.layers], device=scores.device)[:, None]

@@ -99,15 +99,7 @@ class Circuit:
                     f"circuit neuron (layer {layer}, index {neuron}) does not exist in this model "
                     f"({num_layers} layers x {fingerprint['d_ff']} neurons)"
                 )
-        d_model = fingerprint.get("d_model")
-        if d_model is not None and self.caa_directions is not None and self.caa_directions.shape[1] != d_model:
-            raise CircuitMismatchError(f"the circuit's CAA directions are {self.caa_directions.shape[1]} wide but this "
-                                       f"model's hidden size is {d_model}: discover a circuit on this model")
-        if weights_differ(mine.get("weights"), fingerprint.get("weights")):
-            warnings.warn(f"this circuit was discovered on {printable(self.meta.get('model', 'another model'))}, whose "
-                          "down-projection weights differ from this model's although the shapes match (base vs "
-                          "instruct, or another fine-tune?): its neurons may mean something else here; rediscover "
-                          "on this model to be sure", CircuitWeightsWarning, stacklevel=3)
+        _check_content(self, fingerprint)
 
     def layer_counts(self) -> list[int]:
         """Number of circuit neurons in each layer of the model (index = layer)."""
@@ -215,6 +207,19 @@ class Circuit:
         if path is not None:
             write_text_atomic(path, text)
         return text
+
+
+def _check_content(circuit: Circuit, fingerprint: dict[str, Any]) -> None:
+    """CAA width against the model's hidden size; a warning when the weights differ although the shapes match."""
+    d_model = fingerprint.get("d_model")
+    if d_model is not None and circuit.caa_directions is not None and circuit.caa_directions.shape[1] != d_model:
+        raise CircuitMismatchError(f"the circuit's CAA directions are {circuit.caa_directions.shape[1]} wide but this "
+                                   f"model's hidden size is {d_model}: discover a circuit on this model")
+    if weights_differ(circuit.fingerprint.get("weights"), fingerprint.get("weights")):
+        warnings.warn(f"this circuit was discovered on {printable(circuit.meta.get('model', 'another model'))}, whose "
+                      "down-projection weights differ from this model's although the shapes match (base vs "
+                      "instruct, or another fine-tune?): its neurons may mean something else here; rediscover "
+                      "on this model to be sure", CircuitWeightsWarning, stacklevel=4)
 
 
 def _number(value: float | None) -> str:

@@ -333,7 +333,7 @@ def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: f
 
     from .steering import generate
 
-    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts))
+    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts), dtype=torch.float64)
     texts = generate(model, tokenizer, prompts + prompts, circuit=circuit, multipliers=multipliers, **settings)
     return texts[:len(prompts)], texts[len(prompts):]
 
@@ -372,7 +372,7 @@ def run_sweep(args) -> None:
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
     torch.manual_seed(args.seed)
-    multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts])
+    multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts], dtype=torch.float64)
     texts = generate(model, tokenizer, prompts * len(args.multipliers), circuit=circuit, multipliers=multipliers,
                      **settings)
     rows = [{"multiplier": value, "prompt_index": i, "prompt": prompt, "output": texts[k * len(prompts) + i],

@@ -210,6 +210,8 @@ def check_model_folder(name: str | os.PathLike | None) -> None:
     if not folder.is_dir():
         return  # a hub id, or a missing path that load_model reports
     config = folder / "config.json"
+    if not config.is_file() and any(folder.glob("*.gguf")):
+        return  # a GGUF model folder: its loader reads the configuration from the GGUF file
     if not config.is_file():
         contents = "is empty" if not any(folder.iterdir()) else "has no config.json"
         raise CNAError(f"model folder {str(name)!r} {contents}: pass a Hugging Face model folder (config.json, "
@@ -226,7 +228,11 @@ def check_model_folder(name: str | os.PathLike | None) -> None:
         raise CNAError(f"{str(config)!r} names no model_type: the model folder is damaged or not a transformers "
                        "model")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if model_type not in CONFIG_MAPPING_NAMES:
         raise CNAError(f"model folder {str(name)!r} is of type {model_type!r}, which this transformers version does "
                        "not know: use a supported architecture (see README) or upgrade transformers")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CNAError(f"model folder {str(name)!r} holds a {model_type!r} model, which is not a causal language "
+                       "model: use a decoder LM such as Llama, Qwen, Gemma or GPT-2")

@@ -197,18 +197,19 @@ class NeuronStats:
         stats.m2 = tensors["m2"].to(device)
         return stats
 
-    def check_contrast(self) -> None:
-        """Refuse statistics that cannot rank neurons: NaN anywhere, or no difference between the groups."""
-        bad = int((~torch.isfinite(self.mean)).sum()) + int((~torch.isfinite(self.m2)).sum())
-        if bad:
-            raise CNAError(f"the statistics hold {bad} NaN or infinite values (NaN activations, e.g. a float16 "
-                           "overflow, or a damaged checkpoint): capture in float32 or bfloat16, and do not resume "
-                           "from that checkpoint")
-        if self.n_groups >= 2 and self.count.min() > 0:
-            gap = (self.mean[:, POSITIVE] - self.mean[:, NEGATIVE]).abs().max()
-            if gap <= _SAME_MEANS * self.mean.abs().max().clamp_min(1e-30):
-                raise CNAError("the positive and negative prompts give the same activations: the two sets are "
-                               "identical (or do not differ for this model); give two different prompt sets")
+
+def check_contrast(stats: NeuronStats) -> None:
+    """Refuse statistics that cannot rank neurons: NaN anywhere, or no difference between the groups."""
+    bad = int((~torch.isfinite(stats.mean)).sum()) + int((~torch.isfinite(stats.m2)).sum())
+    if bad:
+        raise CNAError(f"the statistics hold {bad} NaN or infinite values (NaN activations, e.g. a float16 "
+                       "overflow, or a damaged checkpoint): capture in float32 or bfloat16, and do not resume "
+                       "from that checkpoint")
+    if stats.n_groups >= 2 and stats.count.min() > 0:
+        gap = (stats.mean[:, POSITIVE] - stats.mean[:, NEGATIVE]).abs().max()
+        if gap <= _SAME_MEANS * stats.mean.abs().max().clamp_min(1e-30):
+            raise CNAError("the positive and negative prompts give the same activations: the two sets are "
+                           "identical (or do not differ for this model); give two different prompt sets")
 
 
 def _checked_tensors(names: set[str], tensors: dict[str, torch.Tensor], meta: object) -> list[int]:

@@ -25,13 +25,15 @@ def _positions(layer: int, rows: int, columns: int) -> tuple[torch.Tensor, torch
 
 def weight_sample(down_projs: list[nn.Module]) -> dict[str, Any] | None:
     """A few entries of every layer's down-projection weight ([out, in] view) and their dtype; None if quantized."""
-    key = tuple((id(down.weight), down.weight._version) for down in down_projs)
-    cached = getattr(down_projs[0], "_cna_fast_weight_sample", None) if down_projs else None
+    weights = [getattr(down, "weight", None) for down in down_projs]
+    if not down_projs or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        return None  # e.g. experts stored as one 3-D parameter: not sampled
+    key = tuple((id(weight), weight._version) for weight in weights)
+    cached = getattr(down_projs[0], "_cna_fast_weight_sample", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     values, dtype = [], None
-    for layer, down in enumerate(down_projs):
-        weight = down.weight
+    for layer, (down, weight) in enumerate(zip(down_projs, weights)):
         if not weight.is_floating_point() or hasattr(weight, "quant_state") or type(down).__name__.startswith(
                 ("Linear8bit", "Linear4bit")):
             return None
@@ -39,8 +41,6 @@ def weight_sample(down_projs: list[nn.Module]) -> dict[str, Any] | None:
         rows, columns = _positions(layer, matrix.shape[0], matrix.shape[1])
         values.append(matrix[rows.to(matrix.device), columns.to(matrix.device)].float().cpu())
         dtype = weight.dtype
-    if not values:
-        return None
     sample = {"dtype": str(dtype).removeprefix("torch."), "sample": torch.cat(values).tolist()}
     object.__setattr__(down_projs[0], "_cna_fast_weight_sample", (key, sample))
     return sample
