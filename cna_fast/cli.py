@@ -520,21 +520,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
                 "export": run_export, "eval": run_eval, "demo": run_demo}
+    code, message = 0, None
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             check_command_paths(args)
             handlers[args.command](args)
         except KeyboardInterrupt:
-            print(f"cna {args.command}: interrupted; no partial output was written", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            code, message = EXIT_INTERRUPTED, "interrupted; no partial output was written"
         except Exception as error:  # the exit policy: every failure becomes one line and an exit code
             if os.environ.get("CNA_FAST_DEBUG"):
                 raise
             code, message = classify_failure(error)
-            print(f"cna {args.command}: {message}", file=sys.stderr)
-            return code
-    return 0
+    if message is not None:  # printed once the traceback is released, so progress bars have closed
+        print(f"cna {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -428,6 +428,7 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(work, tmp_path):
     err = process.communicate(timeout=60)[1].decode()
     assert process.returncode == 130
     assert one_error(err, "discover") == "cna discover: interrupted; no partial output was written"
+    assert err.rstrip().splitlines()[-1] == "cna discover: interrupted; no partial output was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.txt"]
 
 
