@@ -364,6 +364,11 @@ class AddDirections:
         for layer, direction in zip(layers.tolist(), directions):
             if not 0 <= layer < adapter.num_layers:
                 raise CNAError(f"CAA direction for layer {layer}, but the model has {adapter.num_layers} layers")
+            site = adapter.neuron_site(layer)
+            width = getattr(site, "out_features", None) or getattr(site, "nf", None)
+            if width is not None and direction.shape[-1] != width:
+                raise CNAError(f"CAA direction for layer {layer} is {direction.shape[-1]} wide but the model's hidden "
+                               f"size is {width}: rediscover the circuit on this model")
             self._handles.append(adapter.neuron_site(layer).register_forward_hook(self._make_hook(direction, alpha)))
 
     @staticmethod

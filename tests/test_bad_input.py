@@ -310,6 +310,18 @@ def test_duplicate_neurons_are_refused_in_code_too():
                 mean_negative=values, std_positive=values, std_negative=values)
 
 
+def test_caa_width_is_checked_against_the_model_without_a_fingerprint(tiny_llama):
+    """An old or hand-made circuit without a recorded hidden size: the width is checked when CAA is applied."""
+    from cna_fast.steering import caa
+
+    values = torch.ones(1, dtype=torch.float64)
+    circuit = Circuit(layers=[1], neurons=[2], scores=values, deltas=values, mean_positive=values,
+                      mean_negative=values * 0, std_positive=values, std_negative=values,
+                      caa_layers=[1], caa_directions=torch.zeros(1, 65))
+    with pytest.raises(CNAError, match="65 wide"):
+        caa(tiny_llama, circuit, 1.0)
+
+
 def _checkpoint(path: Path, case: str) -> None:
     stats = NeuronStats([0, 1, 2, 3], 96)
     stats.count = torch.tensor([4.0, 4.0], dtype=torch.float64)
