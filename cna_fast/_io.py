@@ -107,6 +107,8 @@ def remove_leftovers(target: Path) -> None:
         match = pattern.fullmatch(entry.name)
         if match is None or _alive(int(match.group(1))):
             continue
+        if match.group(2) == ".old" and not target.exists():
+            continue  # killed between the two renames of an export: the previous export is all there is; keep it
         with contextlib.suppress(OSError):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)

@@ -194,7 +194,13 @@ class OutputFolder:
             if self.path.exists():
                 old = Path(tempfile.mkdtemp(prefix=staging_prefix(self.path), suffix=".old", dir=self.path.parent))
                 os.rename(self.path, old / "previous")
-            os.rename(self.staging, self.path)
+            try:
+                os.rename(self.staging, self.path)
+            except BaseException:
+                if old is not None:  # put the previous export back
+                    os.rename(old / "previous", self.path)
+                    old.rmdir()
+                raise
         except BaseException:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise
