@@ -8,11 +8,14 @@ import shutil
 import sys
 import textwrap
 import time
+import warnings
 from typing import Sequence
 
 from .errors import CNAError
+from .failures import EXIT_BAD_INPUT, EXIT_INTERRUPTED, check_command_paths, classify_failure
+from .validation import printable
 
-EXIT_BAD_INPUT = 2
+__all__ = ["EXIT_BAD_INPUT", "main"]
 
 
 def _layer_list(text: str) -> list[int]:
@@ -20,15 +23,6 @@ def _layer_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"takes comma-separated layer numbers like 0,1; got {text!r}") from None
-
-
-def _check_output(path: str) -> None:
-    """Fail before any model work if the output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CNAError(f"output folder {folder!r} does not exist: create it first")
-    if os.path.isdir(path):
-        raise CNAError(f"output {path!r} is a folder: give a file name such as circuit.safetensors")
 
 
 def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--on-long", choices=("truncate", "error"), default="truncate",
                           help="what to do with longer prompts (truncate keeps the template prefix and the end)")
     discover.add_argument("--checkpoint-every", type=int, metavar="N",
-                          help="save statistics and stream position every N prompts (to --checkpoint)")
+                          help="save statistics and stream position to --checkpoint at the end of a tokenization "
+                               "window, i.e. every max(N, 32 x batch size) prompts")
     discover.add_argument("--checkpoint", help="checkpoint file (default: OUT.checkpoint)")
     discover.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     _add_discovery_options(discover)
@@ -141,9 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, required=True)
     export.add_argument("--format", choices=("folded", "lora"), required=True)
-    export.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    export.add_argument("--out", required=True, help="output folder: new or empty (or a previous export with --force)")
     export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    export.add_argument("--force", action="store_true",
+                        help="replace a previous export (a folder holding cna_fast_steering.json); never other folders")
 
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
@@ -195,9 +191,6 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
         raise CNAError(f"--top-k must be at least 1, got {args.top_k}")
     if not 0 < args.top_frac <= 1:
         raise CNAError(f"--top-frac must be in (0, 1], got {args.top_frac}")
-    for path in (args.out, getattr(args, "json", None), getattr(args, "csv", None)):
-        if path:
-            _check_output(path)
     check_backend_setting()
     model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=device_map)
     started = time.perf_counter()
@@ -213,13 +206,15 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
 
 
 def _save(circuit, out: str | None, as_json: str | None = None, as_csv: str | None = None) -> None:
-    """Write the circuit file and, if asked, its JSON and CSV views."""
-    if out:
-        circuit.save(out)
-        print(f"wrote {out}")
-    for path, writer in ((as_json, circuit.to_json), (as_csv, circuit.to_csv)):
+    """Write the circuit file and, if asked, its JSON and CSV views: all of them or none."""
+    from ._io import atomic_outputs
+
+    with atomic_outputs((out, as_json, as_csv)) as temporary:
+        for path, writer in ((out, circuit.save), (as_json, circuit.to_json), (as_csv, circuit.to_csv)):
+            if path:
+                writer(temporary[str(path)])
+    for path in (out, as_json, as_csv):
         if path:
-            writer(path)
             print(f"wrote {path}")
 
 
@@ -302,8 +297,6 @@ def run_inspect(args) -> None:
     from .circuit import Circuit
 
     circuit = Circuit.load(args.circuit)
-    if args.plot:
-        _check_output(args.plot)
     print(circuit.summary(top=args.top))
     if args.plot:
         from .plotting import plot_circuit
@@ -334,14 +327,17 @@ def _generation_settings(args) -> dict:
                     chat_template=False if args.no_chat_template else None, do_sample=args.sample,
                     progress=not args.quiet)
     if args.sample:
+        if not (0 < args.temperature < float("inf")):
+            raise CNAError(f"--temperature must be a positive number with --sample, got {args.temperature}; for "
+                           "greedy decoding leave out --sample")
         settings["temperature"] = args.temperature
     return settings
 
 
 def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
     width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
-    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(left, width)
-    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(right, width)
+    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(printable(left), width)
+    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(printable(right), width)
     rows = itertools.zip_longest(left_lines, right_lines, fillvalue="")
     return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
 
@@ -352,7 +348,7 @@ def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: f
 
     from .steering import generate
 
-    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts))
+    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts), dtype=torch.float64)
     texts = generate(model, tokenizer, prompts + prompts, circuits=circuit, multipliers=multipliers, **settings)
     return texts[:len(prompts)], texts[len(prompts):]
 
@@ -372,12 +368,12 @@ def run_generate(args) -> None:
     if args.compare:
         baseline, steered = _generate_pairs(model, tokenizer, circuit, prompts, args.multiplier, settings)
         for prompt, base, new in zip(prompts, baseline, steered):
-            print(f"\n>>> {prompt}")
+            print(f"\n>>> {printable(prompt)}")
             print(_side_by_side("baseline", base, f"steered (x{args.multiplier:g})", new))
         return
     texts = generate(model, tokenizer, prompts, circuits=circuit, multiplier=args.multiplier, **settings)
     for prompt, text in zip(prompts, texts):
-        print(f"\n>>> {prompt}\n{text}")
+        print(f"\n>>> {printable(prompt)}\n{printable(text, keep_newlines=True)}")
 
 
 def run_sweep(args) -> None:
@@ -388,13 +384,10 @@ def run_sweep(args) -> None:
     from .steering import generate
 
     prompts = read_prompts(args.prompts)
-    for path in (args.out, args.plot):
-        if path:
-            _check_output(path)
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
     torch.manual_seed(args.seed)
-    multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts])
+    multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts], dtype=torch.float64)
     texts = generate(model, tokenizer, prompts * len(args.multipliers), circuits=circuit, multipliers=multipliers,
                      **settings)
     rows = [{"multiplier": value, "prompt_index": i, "prompt": prompt, "output": texts[k * len(prompts) + i],
@@ -406,15 +399,18 @@ def run_sweep(args) -> None:
         print(f"\n=== multiplier {value:g}: quality {sum(r['quality'] for r in chosen) / len(chosen):.3f}, "
               f"answers in French {languages['fr']:.0%}, in English {languages['en']:.0%}")
         for row in chosen:
-            print(f"  [{row['language']:>7}] {row['prompt'][:40]:<40} -> {row['output'][:70]!r}")
-    if args.out:
-        _write_rows(args.out, rows)
-        print(f"wrote {args.out}")
-    if args.plot:
-        from .plotting import plot_sweep
+            print(f"  [{row['language']:>7}] {printable(row['prompt'][:40]):<40} -> {row['output'][:70]!r}")
+    from ._io import atomic_outputs
+    from .plotting import plot_sweep
 
-        plot_sweep(rows, args.plot)
-        print(f"wrote {args.plot}")
+    with atomic_outputs((args.out, args.plot)) as temporary:  # both files or neither
+        if args.out:
+            _write_rows(temporary[args.out], rows)
+        if args.plot:
+            plot_sweep(rows, temporary[args.plot])
+    for path in (args.out, args.plot):
+        if path:
+            print(f"wrote {path}")
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
@@ -442,9 +438,6 @@ def run_eval(args) -> None:
     if unknown:
         raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, or none")
     prompts = read_prompts(args.prompts)
-    for path in (args.csv, args.json, args.plot, args.html):
-        if path:
-            _check_output(path)
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
     import torch
@@ -476,13 +469,14 @@ def run_eval(args) -> None:
 
 def run_export(args) -> None:
     from .circuit import Circuit
-    from .export import check_output_folder, export_folded, export_lora
+    from .export import export_folded, export_lora
     from .models import load_model
+    from .paths import check_export_folder
 
     circuit = Circuit.load(args.circuit)
     from .models.fused import check_backend_setting
 
-    check_output_folder(args.out, args.force)  # before the model loads
+    check_export_folder(args.out, args.force, inputs=[args.circuit, args.model])  # before the model loads
     check_backend_setting()
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
@@ -495,10 +489,6 @@ def run_export(args) -> None:
 def run_demo(args) -> None:
     from .evaluate import language_rate
     from .prompts import bundled_prompts
-
-    for path in (args.plot, args.csv):
-        if path:
-            _check_output(path)
 
     french, english = bundled_prompts("french_questions"), bundled_prompts("english_questions")
     print(f"French-vs-English discovery on the embedded default model ({len(french)} + {len(english)} "
@@ -544,16 +534,29 @@ def _demo_evaluation(args, model, tokenizer, circuit) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `cna`; returns the exit code."""
+    """Entry point of `cna`; returns the exit code: 0 done, 2 bad input or environment, 1 a bug, 130 Ctrl-C."""
     args = _parser().parse_args(argv)
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
                 "export": run_export, "eval": run_eval, "demo": run_demo}
-    try:
-        handlers[args.command](args)
-    except CNAError as error:
-        print(f"cna {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    code, message = 0, None
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            check_command_paths(args)
+            handlers[args.command](args)
+        except KeyboardInterrupt:
+            code, message = EXIT_INTERRUPTED, "interrupted; no partial output was written"
+        except Exception as error:  # the exit policy: every failure becomes one line and an exit code
+            if os.environ.get("CNA_FAST_DEBUG"):
+                raise
+            code, message = classify_failure(error)
+    if message is not None:  # printed once the traceback is released, so progress bars have closed
+        print(f"cna {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cna: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

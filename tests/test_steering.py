@@ -54,7 +54,7 @@ def make_circuit(model: nn.Module, layers: Sequence[int], neurons: Sequence[int]
     """A circuit at the given positions, dummy statistics, the model's fingerprint in meta."""
     n = len(layers)
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
-    meta = {"fingerprint": fingerprint if fingerprint is not None else get_adapter(model).fingerprint()}
+    meta = {"fingerprint": fingerprint if fingerprint is not None else get_adapter(model).architecture()}
     return Circuit(layers=list(layers), neurons=list(neurons), scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n), meta=meta)
 
@@ -407,7 +407,7 @@ def expect_error(model: nn.Module, build: Callable[[], object], error: type[Exce
 
 def test_circuit_that_does_not_fit_raises_mismatch() -> None:
     model = new_model("llama")
-    fingerprint = get_adapter(model).fingerprint()
+    fingerprint = get_adapter(model).architecture()
     expect_error(model, lambda: steer(model, make_circuit(model, [0, 1], [3, D_FF]), 0.0), CircuitMismatchError)
     expect_error(model, lambda: steer(model, make_circuit(model, [0, N_LAYERS], [3, 4]), 0.0), CircuitMismatchError)
     other = {"model_type": "llama", "num_layers": 30, "d_ff": 1536}  # SmolLM2-135M's fingerprint
