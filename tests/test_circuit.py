@@ -78,7 +78,7 @@ def test_save_load_round_trip(circuit: Circuit, tmp_path: Path) -> None:
         original, restored = getattr(circuit, name), getattr(loaded, name)
         assert restored.dtype == original.dtype and torch.equal(original, restored), name
     assert loaded.meta == circuit.meta
-    assert loaded.meta["note"] == ["a", 1, 2.5] and loaded.fingerprint == circuit.fingerprint
+    assert loaded.meta["note"] == ["a", 1, 2.5] and loaded.architecture == circuit.architecture
     assert os.listdir(tmp_path) == ["circuit.safetensors"]
 
 
@@ -152,7 +152,7 @@ def test_validate_rejects_different_layer_count(circuit: Circuit, tokenizer) -> 
 
 def test_validate_rejects_different_width(circuit: Circuit, tokenizer) -> None:
     gpt2 = tiny_model("gpt2", len(tokenizer), n_inner=128)
-    assert get_adapter(gpt2).fingerprint()["num_layers"] == 4  # only the width differs
+    assert get_adapter(gpt2).architecture()["num_layers"] == 4  # only the width differs
     with pytest.raises(CircuitMismatchError):
         circuit.validate(gpt2)
     with pytest.raises(CircuitMismatchError):
