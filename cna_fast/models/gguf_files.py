@@ -119,10 +119,27 @@ def _open_reader(path: Path):
                        "download it again") from error
 
 
-def _check_supported(path: Path) -> None:
-    """Refuse split files and architectures transformers cannot read, before any conversion work."""
+def _plain(architecture: str) -> str:
+    """llama.cpp spells "qwen2moe" what transformers spells "qwen2_moe"."""
+    return architecture.replace("_", "").replace("-", "")
+
+
+def _readable_architectures() -> set[str]:
+    """GGUF architectures this transformers reads: its legacy loader's and its newer loader's."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    names = set(GGUF_SUPPORTED_ARCHITECTURES)
+    try:
+        from transformers.integrations.gguf import GGUF_ARCHS
+
+        names |= set(GGUF_ARCHS)
+    except ImportError:
+        pass
+    return names
+
+
+def _check_supported(path: Path) -> None:
+    """Refuse split files and architectures transformers cannot read, before any conversion work."""
     reader = _open_reader(path)
     split = reader.fields.get("split.count")
     if split is not None and int(split.contents()) > 1:
@@ -132,12 +149,10 @@ def _check_supported(path: Path) -> None:
     architecture = field.contents() if field is not None else None
     if architecture is None:
         raise CNAError(f"GGUF file {str(path)!r} has no general.architecture key: it is not a model file")
-    def plain(text: str) -> str:  # llama.cpp's "qwen2moe" is transformers' "qwen2_moe"
-        return text.replace("_", "").replace("-", "")
-
-    if plain(architecture) not in {plain(known) for known in GGUF_SUPPORTED_ARCHITECTURES}:
+    readable = _readable_architectures()
+    if _plain(architecture) not in {_plain(known) for known in readable}:
         raise CNAError(f"GGUF architecture {architecture!r} of {str(path)!r} cannot be read by transformers (it reads "
-                       f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}): use the model's Hugging Face folder")
+                       f"{', '.join(sorted(readable))}): use the model's Hugging Face folder")
 
 
 def _convert(path: Path, staging: Path) -> None:
@@ -155,7 +170,11 @@ def _convert(path: Path, staging: Path) -> None:
     if hasattr(config, "quantization_config"):  # the weights are dequantized float32 now
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # transformers will not save a GGUF model
-    plain.load_state_dict(model.state_dict())
+    try:
+        plain.load_state_dict(model.state_dict())
+    except RuntimeError as error:  # weights transformers keeps in GGUF blocks do not fit a plain model
+        raise CNAError(f"GGUF {str(path)!r} could not be converted to plain weights ({error}): use the model's "
+                       "Hugging Face folder instead") from error
     plain.generation_config = model.generation_config
     del model
     plain.save_pretrained(staging)
