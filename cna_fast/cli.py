@@ -131,12 +131,18 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plot", help="PNG of quality and answer language against the multiplier")
     _add_generation_options(sweep)
 
-    export = commands.add_parser("export", help="write a steered model for serving (folded weights or LoRA)")
+    export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, required=True)
-    export.add_argument("--format", choices=("folded", "lora"), required=True)
-    export.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
-    export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    export.add_argument("--format", choices=("folded", "lora", "gguf"), required=True,
+                        help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), or GGUF (llama.cpp, "
+                             "Ollama; the model must be loaded from a .gguf file)")
+    export.add_argument("--out", required=True,
+                        help="output folder (must be empty unless --force); for gguf, a .gguf file")
+    export.add_argument("--model", help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    export.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0"),
+                        help="type of the rewritten ffn_down tensors (default: the source's when it is one of "
+                             "these, else F16)")
     export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
@@ -465,6 +471,11 @@ def run_export(args) -> None:
     from .models import load_model
 
     circuit = Circuit.load(args.circuit)
+    if args.format == "gguf":
+        _export_gguf(args, circuit)
+        return
+    if args.gguf_type is not None:
+        raise CNAError("--gguf-type applies to --format gguf only")
     check_output_folder(args.out, args.force)  # before the model loads
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
@@ -472,6 +483,17 @@ def run_export(args) -> None:
     else:
         export_lora(model, circuit, args.multiplier, args.out, force=args.force)
     print(f"wrote {args.format} export of {len(circuit)} neurons at multiplier {args.multiplier:g} to {args.out}")
+
+
+def _export_gguf(args, circuit) -> None:
+    from .gguf_export import check_gguf_output, export_gguf, gguf_serving_instructions
+    from .models import load_model
+
+    check_gguf_output(args.out, args.force)  # before the model loads
+    model, _ = load_model(args.model)
+    export_gguf(model, circuit, args.multiplier, args.out, gguf_type=args.gguf_type, force=args.force, progress=True)
+    print(f"wrote GGUF export of {len(circuit)} neurons at multiplier {args.multiplier:g} to {args.out}")
+    print(gguf_serving_instructions(args.out))
 
 
 def run_demo(args) -> None:

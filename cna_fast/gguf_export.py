@@ -49,15 +49,16 @@ def _source_of(model):
     return source
 
 
-def _check_destination(out: Path, source: Path, force: bool) -> None:
+def check_gguf_output(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse a folder, a missing parent, or an existing file (unless forced), before any work is done."""
+    out = Path(out)
     if out.is_dir():
         raise CNAError(f"output {str(out)!r} is a folder: give a file name such as steered.gguf")
     if not out.absolute().parent.is_dir():
         raise CNAError(f"parent folder of {str(out)!r} does not exist: create it first")
-    if out.exists() and out.resolve() == source.resolve():
-        raise CNAError(f"output {str(out)!r} is the source GGUF itself: write to another file")
     if out.exists() and not force:
         raise CNAError(f"output file {str(out)!r} exists: choose another name or pass force=True (--force)")
+    return out
 
 
 def _down_tensor(tensors: dict, layer: int):
@@ -155,8 +156,9 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise CNAError(f"unknown GGUF tensor type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     source = _source_of(model)
-    out_path = Path(out_path)
-    _check_destination(out_path, source.path, force)
+    out_path = check_gguf_output(out_path, force)
+    if out_path.exists() and out_path.resolve() == source.path.resolve():
+        raise CNAError(f"output {str(out_path)!r} is the source GGUF itself: write to another file")
     circuit.validate(model)
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
@@ -177,3 +179,13 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
         writer.write_tensors_to_file(progress=progress)
         writer.close()
     return out_path
+
+
+def gguf_serving_instructions(out_path: str | os.PathLike, name: str = "steered") -> str:
+    """How to run the exported file with llama.cpp and Ollama (printed by `cna export --format gguf`)."""
+    path = Path(out_path).absolute()
+    return (f"llama.cpp:  llama-cli -m {path} -cnv      (or: llama-server -m {path} --port 8080)\n"
+            f"Ollama:     printf 'FROM {path}\\n' > Modelfile && ollama create {name} -f Modelfile "
+            f"&& ollama run {name}\n"
+            "            (Ollama applies the chat template stored in the GGUF; add TEMPLATE/PARAMETER lines to "
+            "the Modelfile to override it)")
