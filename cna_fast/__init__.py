@@ -13,6 +13,7 @@ from .circuit import Circuit
 from .attribution import attribute, discover, score_neurons, select_neurons
 from .steering import caa, generate, steer
 from .export import export_folded, export_lora
+from .gguf_export import export_gguf
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "capture_contrast",
     "discover",
     "export_folded",
+    "export_gguf",
     "export_lora",
     "generate",
     "get_adapter",

@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="type of the rewritten ffn_down tensors (default: the source's when it is one of "
                              "these, else F16)")
     export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    export.add_argument("--no-vllm-check", action="store_true",
+                        help="lora: allow ranks above vLLM's maximum (512) and skip vLLM's adapter checks (PEFT only)")
 
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
@@ -481,8 +483,12 @@ def run_export(args) -> None:
     if args.format == "folded":
         export_folded(model, circuit, args.multiplier, args.out, tokenizer=tokenizer, force=args.force)
     else:
-        export_lora(model, circuit, args.multiplier, args.out, force=args.force)
+        export_lora(model, circuit, args.multiplier, args.out, force=args.force, check_vllm=not args.no_vllm_check)
     print(f"wrote {args.format} export of {len(circuit)} neurons at multiplier {args.multiplier:g} to {args.out}")
+    if args.format == "lora":
+        from .serving import lora_serving_note
+
+        print(lora_serving_note(model, args.out))
 
 
 def _export_gguf(args, circuit) -> None:
