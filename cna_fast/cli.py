@@ -72,7 +72,8 @@ def _finite_list(text: str) -> list[float]:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model",
+                        help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--positions", choices=("all", "prompt", "generated"), default="all",
@@ -92,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     discover = commands.add_parser("discover", help="find the neurons that separate two prompt sets")
     discover.add_argument("--positive", required=True, help="prompts that show the behavior (.txt/.jsonl/.csv)")
     discover.add_argument("--negative", required=True, help="prompts that do not (.txt/.jsonl/.csv)")
-    discover.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    discover.add_argument("--model",
+                          help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     discover.add_argument("--out", required=True, help="circuit file to write (.safetensors)")
     discover.add_argument("--json", help="also write the circuit as JSON")
     discover.add_argument("--csv", help="also write the circuit's neurons as CSV")
@@ -139,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                              "Ollama; the model must be loaded from a .gguf file)")
     export.add_argument("--out", required=True,
                         help="output folder (must be empty unless --force); for gguf, a .gguf file")
-    export.add_argument("--model", help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    export.add_argument("--model",
+                        help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     export.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0"),
                         help="type of the rewritten ffn_down tensors (default: the source's when it is one of "
                              "these, else F16)")

@@ -276,3 +276,26 @@ def test_default_model_gguf_export(default_model, tmp_path, monkeypatch):
     error = (logits(served, batch) - expected).abs().max()
     effect = (logits(model, batch) - expected).abs().max()
     assert error < 0.05 and effect > 20 * error, (error, effect)
+
+
+def test_every_command_takes_a_gguf_model(gguf_file, prompt_files, tmp_path, capsys):
+    """discover, then generate, with --model pointing at the .gguf file."""
+    path, _ = gguf_file
+    positive, negative = prompt_files
+    circuit_file = tmp_path / "circuit.safetensors"
+    assert main(["discover", "--model", str(path), "--positive", str(positive), "--negative", str(negative),
+                 "--top-k", "3", "--out", str(circuit_file), "--quiet"]) == 0
+    assert main(["generate", "--model", str(path), "--circuit", str(circuit_file), "--prompt", "zebra",
+                 "--max-new-tokens", "3", "--quiet"]) == 0
+    assert ">>> zebra" in capsys.readouterr().out
+    assert main(["discover", "--model", str(tmp_path / "nope.gguf"), "--positive", str(positive), "--negative",
+                 str(negative), "--out", str(tmp_path / "c2.safetensors")]) == 2
+
+
+def test_expert_tensors_are_refused_clearly():
+    from cna_fast.gguf_export import _down_tensor
+
+    with pytest.raises(CNAError, match="mixture of experts"):
+        _down_tensor({"blk.3.ffn_down_exps.weight": object()}, 3)
+    with pytest.raises(CNAError, match="no tensor"):
+        _down_tensor({}, 3)

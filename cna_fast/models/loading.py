@@ -124,7 +124,8 @@ def load_model(
         source = str(name)
         if not os.path.isdir(os.path.expanduser(source)) and (os.path.exists(source) or _looks_like_path(source)):
             raise CNAError(
-                f"model path {source!r} does not exist or is not a folder: pass a Hugging Face model folder or hub id"
+                f"model path {source!r} does not exist or is not a folder: pass a Hugging Face model folder, "
+                "a .gguf file or a hub id"
             )
         source = os.path.expanduser(source)
     compute_dtype = _resolve_dtype(dtype)
