@@ -163,6 +163,8 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
     reader = GGUFReader(source.path)
+    if reader.endianess.name != "LITTLE":
+        raise CNAError(f"{str(source.path)!r} is a big-endian GGUF: the export writes little-endian files only")
     replaced = scaled_down_weights(reader, circuit.by_layer(), multiplier, get_adapter(model).widths, gguf_type)
     with atomic_path(out_path) as staging:
         writer = GGUFWriter(staging, arch=str(reader.fields["general.architecture"].contents()))
