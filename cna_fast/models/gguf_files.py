@@ -101,17 +101,22 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest
 
 
+def _check_is_gguf(path: Path) -> None:
+    """Cheap checks (no parsing): the file exists and starts with the GGUF magic."""
+    if not path.is_file():
+        raise CNAError(f"GGUF file {str(path)!r} does not exist: check the path")
+    if not is_gguf_file(path):
+        raise CNAError(f"{str(path)!r} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file "
+                       "or a Hugging Face model folder")
+
+
 def _open_reader(path: Path):
     """A GGUFReader on `path`, or a CNAError naming what is wrong with the file."""
     if importlib.util.find_spec("gguf") is None:
         raise CNAError(f"reading GGUF files needs the gguf package: {_INSTALL_HINT}")
     from gguf import GGUFReader
 
-    if not path.is_file():
-        raise CNAError(f"GGUF file {str(path)!r} does not exist: check the path")
-    if not is_gguf_file(path):
-        raise CNAError(f"{str(path)!r} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file "
-                       "or a Hugging Face model folder")
+    _check_is_gguf(path)
     try:
         return GGUFReader(path)
     except Exception as error:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
@@ -188,11 +193,12 @@ def converted_dir(path: str | os.PathLike) -> Path:
     place, so a crash or a concurrent process never leaves a half-written model behind.
     """
     path = Path(path).expanduser()
-    _check_supported(path)
+    _check_is_gguf(path)
     digest = file_digest(path)
     target = _cache_dir() / f"gguf-{digest[:32]}"
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file():  # converted before: these bytes were read successfully then
         return target
+    _check_supported(path)  # parses the metadata (seconds for a big vocabulary), so only before converting
     logger.warning("converting %s from GGUF to a cached Hugging Face folder (once): %s", path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
