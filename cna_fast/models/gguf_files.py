@@ -174,9 +174,10 @@ def _convert(path: Path, staging: Path) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):  # the weights are dequantized float32 now
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # transformers will not save a GGUF model
+    with torch.device("meta"):  # transformers will not save a GGUF model: a plain one takes its tensors, no copy
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     try:
-        plain.load_state_dict(model.state_dict())
+        plain.load_state_dict(model.state_dict(), assign=True)
     except RuntimeError as error:  # weights transformers keeps in GGUF blocks do not fit a plain model
         raise CNAError(f"GGUF {str(path)!r} could not be converted to plain weights ({error}): use the model's "
                        "Hugging Face folder instead") from error
