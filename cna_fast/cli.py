@@ -70,7 +70,8 @@ def _finite_list(text: str) -> list[float]:
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     from .steering import POSITION_MODES
 
-    parser.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model",
+                        help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--positions", choices=POSITION_MODES, default="all",
@@ -92,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     discover = commands.add_parser("discover", help="find the neurons that separate two prompt sets")
     discover.add_argument("--positive", required=True, help="prompts that show the behavior (.txt/.jsonl/.csv)")
     discover.add_argument("--negative", required=True, help="prompts that do not (.txt/.jsonl/.csv)")
-    discover.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    discover.add_argument("--model",
+                          help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     discover.add_argument("--out", required=True, help="circuit file to write (.safetensors)")
     discover.add_argument("--json", help="also write the circuit as JSON")
     discover.add_argument("--csv", help="also write the circuit's neurons as CSV")
@@ -132,14 +134,24 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plot", help="PNG of quality and answer language against the multiplier")
     _add_generation_options(sweep)
 
-    export = commands.add_parser("export", help="write a steered model for serving (folded weights or LoRA)")
+    export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, required=True)
-    export.add_argument("--format", choices=("folded", "lora"), required=True)
-    export.add_argument("--out", required=True, help="output folder: new or empty (or a previous export with --force)")
-    export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    export.add_argument("--format", choices=("folded", "lora", "gguf"), required=True,
+                        help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), or GGUF (llama.cpp, "
+                             "Ollama; the model must be loaded from a .gguf file)")
+    export.add_argument("--out", required=True,
+                        help="output folder: new or empty (or a previous export with --force); for gguf, a .gguf file")
+    export.add_argument("--model",
+                        help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    export.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0"),
+                        help="type of the rewritten ffn_down tensors (default: the source's when it is one of "
+                             "these, else F16)")
     export.add_argument("--force", action="store_true",
-                        help="replace a previous export (a folder holding cna_fast_steering.json); never other folders")
+                        help="replace a previous export (a folder holding cna_fast_steering.json, or a .gguf file "
+                             "with --format gguf); never other folders")
+    export.add_argument("--no-vllm-check", action="store_true",
+                        help="lora: allow ranks above vLLM's maximum (512) and skip vLLM's adapter checks (PEFT only)")
 
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
@@ -476,14 +488,34 @@ def run_export(args) -> None:
     circuit = Circuit.load(args.circuit)
     from .models.fused import check_backend_setting
 
-    check_export_folder(args.out, args.force, inputs=[args.circuit, args.model])  # before the model loads
     check_backend_setting()
+    if args.format == "gguf":
+        _export_gguf(args, circuit)
+        return
+    if args.gguf_type is not None:
+        raise CNAError("--gguf-type applies to --format gguf only")
+    check_export_folder(args.out, args.force, inputs=[args.circuit, args.model])  # before the model loads
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
         export_folded(model, circuit, args.multiplier, args.out, tokenizer=tokenizer, force=args.force)
     else:
-        export_lora(model, circuit, args.multiplier, args.out, force=args.force)
+        export_lora(model, circuit, args.multiplier, args.out, force=args.force, check_vllm=not args.no_vllm_check)
     print(f"wrote {args.format} export of {len(circuit)} neurons at multiplier {args.multiplier:g} to {args.out}")
+    if args.format == "lora":
+        from .serving import lora_serving_note
+
+        print(lora_serving_note(model, args.out))
+
+
+def _export_gguf(args, circuit) -> None:
+    from .gguf_export import check_gguf_output, export_gguf, gguf_serving_instructions
+    from .models import load_model
+
+    check_gguf_output(args.out, args.force)  # before the model loads
+    model, _ = load_model(args.model)
+    export_gguf(model, circuit, args.multiplier, args.out, gguf_type=args.gguf_type, force=args.force, progress=True)
+    print(f"wrote GGUF export of {len(circuit)} neurons at multiplier {args.multiplier:g} to {args.out}")
+    print(gguf_serving_instructions(args.out))
 
 
 def run_demo(args) -> None:

@@ -20,6 +20,7 @@ from .errors import CNAError
 from .models import get_adapter, model_name
 from .paths import EXPORT_MARKER as _STEERING_FILE
 from .paths import OutputFolder
+from .serving import check_lora_rank_for_vllm, check_vllm_adapter
 from .steering import as_multiplier, check_multiplier_fits
 
 
@@ -122,11 +123,13 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
 
 
 def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: str | os.PathLike, *,
-                force: bool = False) -> Path:
+                force: bool = False, check_vllm: bool = True) -> Path:
     """Write a PEFT LoRA adapter on the down projections that applies the circuit at `multiplier`.
 
     Rank r is the largest number of circuit neurons in one layer (layers with fewer get zero
     padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
+    check_vllm: refuse a rank above vLLM's maximum (512) and check the written adapter the way
+        vLLM's loader does (`cna_fast.serving.check_vllm_adapter`); False allows any rank (PEFT only).
     """
     multiplier = as_multiplier(multiplier)
     output = OutputFolder(out_dir, force, inputs=[_model_folder(model)])
@@ -136,6 +139,8 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     adapter = get_adapter(model)
     by_layer = circuit.by_layer()
     rank = max(neurons.numel() for neurons in by_layer.values())
+    if check_vllm:
+        check_lora_rank_for_vllm(rank)
     names = {id(module): name for name, module in model.named_modules()}
     tensors, targets = {}, []
     conv1d = False
@@ -162,4 +167,8 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (staging / _STEERING_FILE).write_text(json.dumps(_provenance(model, circuit, multiplier, "lora"), indent=2))
+        if check_vllm:
+            problems = check_vllm_adapter(staging, model=model).problems
+            if problems:
+                raise CNAError("the adapter would not load in vLLM: " + "; ".join(problems))
     return Path(out_dir)

@@ -72,9 +72,12 @@ def _model_input(args) -> str | None:
     model = getattr(args, "model", None)
     if model is not None:
         return model
-    from .models import DEFAULT_MODEL_NAME, cache_dir
+    from .models.loading import _default_gguf_path
 
-    return str(cache_dir() / f"{DEFAULT_MODEL_NAME}-hf")
+    try:
+        return str(_default_gguf_path())  # the embedded default's GGUF file (converted into the cache on use)
+    except CNAError:
+        return None  # not installed: load_model reports it
 
 
 def _checkpoint(args) -> str | None:
@@ -95,6 +98,8 @@ def check_command_paths(args) -> None:
     outputs = {f"--{name}": getattr(args, name, None) for name in _OUTPUTS.get(args.command, ())}
     if args.command == "discover":
         outputs["--checkpoint"] = _checkpoint(args)
+    if args.command == "export" and args.format == "gguf":
+        outputs["--out"] = args.out  # a file, checked like every other output
     inputs = {(f"--{name}" if name != "circuit" or args.command != "inspect" else "circuit"): getattr(args, name)
               for name in _INPUTS.get(args.command, ()) if getattr(args, name, None)}
     if args.command != "inspect":

@@ -210,7 +210,7 @@ def test_deprecated_names_still_work_and_warn(tiny_llama, tokenizer):
         from cna_fast import attribution
 
         assert attribution.discover is cna_fast.discover
-        assert get_adapter(tiny_llama).architecture() == circuit.fingerprint
+        assert get_adapter(tiny_llama).fingerprint() == circuit.fingerprint
         texts = cna_fast.generate(tiny_llama, tokenizer, ["zebra"], circuit=circuit, max_new_tokens=2, progress=False)
         with Steering(tiny_llama, circuit) as steering:
             assert steering.layers is steering.layer_scales
