@@ -48,10 +48,14 @@ def language_rate(texts: Iterable[str], language: str) -> float:
     return sum(detect_language(text) == language for text in texts) / len(texts) if texts else 0.0
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]+")
+
+
 def quality(text: str, n: int = 4) -> float:
-    """1 - fraction of repeated word n-grams (the paper's repetition measure; 1.0 = no repetition)."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    """1 - fraction of repeated n-grams of words and punctuation runs (the paper's repetition measure; 1.0 = no
+    repetition). Punctuation counts as tokens so that markup loops such as "1. **1. **1." score low."""
+    tokens = _TOKEN.findall(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 1.0
     return len(set(grams)) / len(grams)
