@@ -163,8 +163,9 @@ class ModelJudge:
         self.model, self.tokenizer, self.rubric = model, tokenizer, rubric
         self.batch_size, self.chat_template = batch_size, chat_template
         self.threshold, self.progress = threshold, progress
-        self.yes_ids, self.no_ids = _first_token_ids(tokenizer, _YES), _first_token_ids(tokenizer, _NO)
-        if set(self.yes_ids) & set(self.no_ids):
+        yes, no = set(_first_token_ids(tokenizer, _YES)), set(_first_token_ids(tokenizer, _NO))
+        self.yes_ids, self.no_ids = sorted(yes - no), sorted(no - yes)  # a shared first token tells nothing
+        if not self.yes_ids or not self.no_ids:
             raise CNAError("this tokenizer starts 'yes' and 'no' with the same token: choose another judge model")
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
