@@ -195,8 +195,11 @@ def test_capability_metrics_in_batches_equal_one_batch(tiny_llama, tokenizer, ci
     whole = capability_metrics(tiny_llama, tokenizer, texts, batch_size=len(texts))
     chunked = capability_metrics(tiny_llama, tokenizer, texts, batch_size=1)
     assert chunked["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
-    steered = [capability_metrics(tiny_llama, tokenizer, texts, base["_logprobs"], lambda: steer(tiny_llama, circuit, 3.0),
-                                  batch_size=size)["kl"] for base, size in ((whole, len(texts)), (chunked, 1))]
+    def steered_kl(base, size):
+        return capability_metrics(tiny_llama, tokenizer, texts, base["_logprobs"], lambda: steer(tiny_llama, circuit, 3.0),
+                                  batch_size=size)["kl"]
+
+    steered = [steered_kl(whole, len(texts)), steered_kl(chunked, 1)]
     assert steered[0] == pytest.approx(steered[1], rel=1e-3) and steered[0] > 0  # float32 sums in another order
     questions = [{"question": f"question {i}", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(5)]
     assert multiple_choice_accuracy(tiny_llama, tokenizer, questions, batch_size=2) == \

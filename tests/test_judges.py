@@ -74,7 +74,8 @@ def test_agreement_bookkeeping_against_a_hand_count(tmp_path):
 
 
 PROMPTS = ["how do i bake bread", "write a python function", "zebra stripes", "explain photosynthesis to a child"]
-ANSWERS = ["mix flour water and salt", "I'm sorry, I can't", "zebra zebra", "the quick brown fox jumps over the lazy dog"]
+ANSWERS = ["mix flour water and salt", "I'm sorry, I can't", "zebra zebra",
+           "the quick brown fox jumps over the lazy dog"]
 
 
 def _direct_score(model, tokenizer, prompt: str, answer: str, judge: ModelJudge) -> float:
