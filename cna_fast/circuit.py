@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,13 +14,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import validation
 from ._io import atomic_path, write_text_atomic
-from .errors import CircuitMismatchError, CNAError
+from .errors import CircuitMismatchError, CNAError, CircuitWeightsWarning
+from .models.content import weights_differ
+from .validation import printable
 
 _FORMAT = "cna_fast.circuit/1"
-_PER_NEURON = ("scores", "deltas", "mean_positive", "mean_negative", "std_positive", "std_negative")
+_PER_NEURON = validation.PER_NEURON
 
 
+# Longer than 150 lines: one value type with its validation, file formats (safetensors, JSON, CSV)
+# and checks against a model, which all read the same fields.
 @dataclass
 class Circuit:
     """Neurons `(layers[i], neurons[i])`, ranked by |score|, with per-neuron statistics.
@@ -41,31 +47,37 @@ class Circuit:
     caa_directions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.layers = torch.as_tensor(self.layers, dtype=torch.int64).cpu()
-        self.neurons = torch.as_tensor(self.neurons, dtype=torch.int64).cpu()
+        if not isinstance(self.meta, dict):
+            raise CNAError(f"circuit meta must be a dict, got {type(self.meta).__name__}")
+        self.layers = validation.index_tensor("layers", self.layers)
+        self.neurons = validation.index_tensor("neurons", self.neurons)
         size = self.layers.numel()
-        for name in _PER_NEURON:
-            value = torch.as_tensor(getattr(self, name), dtype=torch.float64).cpu()
-            if value.shape != (size,):
-                raise CNAError(f"circuit field {name} has shape {list(value.shape)}, expected [{size}]")
-            setattr(self, name, value)
         if self.neurons.shape != (size,):
             raise CNAError(f"circuit has {size} layer entries but {self.neurons.numel()} neuron entries")
+        for name in _PER_NEURON:
+            setattr(self, name, validation.float_tensor(name, getattr(self, name), size))
+        fingerprint = self.meta.get("fingerprint") or {}
+        validation.check_neurons(self.layers, self.neurons, fingerprint)
+        validation.check_scores(self)
         if (self.caa_layers is None) != (self.caa_directions is None):
             raise CNAError("caa_layers and caa_directions come together")
         if self.caa_layers is not None:
-            self.caa_layers = torch.as_tensor(self.caa_layers, dtype=torch.int64).cpu()
-            self.caa_directions = torch.as_tensor(self.caa_directions, dtype=torch.float32).cpu()
-            if self.caa_directions.dim() != 2 or self.caa_directions.shape[0] != self.caa_layers.numel():
-                raise CNAError(f"caa_directions must be [{self.caa_layers.numel()}, d_model], "
-                               f"got {list(self.caa_directions.shape)}")
+            self.caa_layers = validation.index_tensor("caa_layers", self.caa_layers)
+            self.caa_directions = validation.check_caa(self.caa_layers, self.caa_directions, fingerprint)
 
     def __len__(self) -> int:
         return self.layers.numel()
 
     @property
-    def fingerprint(self) -> dict[str, Any]:
+    def architecture(self) -> dict[str, Any]:
+        """The architecture of the model the circuit was found on (model type, layers, widths), if recorded."""
         return dict(self.meta.get("fingerprint", {}))
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """Deprecated name of `architecture`."""
+        warnings.warn("Circuit.fingerprint is deprecated: use Circuit.architecture", DeprecationWarning, stacklevel=2)
+        return self.architecture
 
     def by_layer(self) -> dict[int, torch.Tensor]:
         """Sorted neuron indices of each layer that has any."""
@@ -76,43 +88,45 @@ class Circuit:
         """Raise CircuitMismatchError unless this circuit fits `model`'s layers and widths."""
         from .models import get_adapter
 
-        self.check_fits(get_adapter(model).fingerprint())
+        self.check_fits(get_adapter(model).architecture())
 
-    def check_fits(self, fingerprint: dict[str, Any]) -> None:
-        """Raise CircuitMismatchError unless this circuit fits a model with `fingerprint`."""
-        mine = self.fingerprint
-        num_layers = int(fingerprint["num_layers"])
-        widths = fingerprint["d_ff"] if isinstance(fingerprint["d_ff"], list) else [fingerprint["d_ff"]] * num_layers
-        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != fingerprint["d_ff"]
-                     or mine.get("model_type") != fingerprint.get("model_type")):
+    def check_fits(self, architecture: dict[str, Any]) -> None:
+        """Raise CircuitMismatchError unless this circuit fits a model of `architecture` (adapter.architecture())."""
+        mine = self.architecture
+        num_layers = int(architecture["num_layers"])
+        widths = architecture["d_ff"] if isinstance(architecture["d_ff"], list) else [architecture["d_ff"]] * num_layers
+        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != architecture["d_ff"]
+                     or mine.get("model_type") != architecture.get("model_type")):
             raise CircuitMismatchError(
                 f"circuit was found on a model with {mine.get('num_layers')} layers x {mine.get('d_ff')} neurons "
-                f"({mine.get('model_type')}), but this model has {num_layers} layers x {fingerprint['d_ff']} "
-                f"neurons ({fingerprint.get('model_type')}): discover a circuit on this model"
+                f"({mine.get('model_type')}), but this model has {num_layers} layers x {architecture['d_ff']} "
+                f"neurons ({architecture.get('model_type')}): discover a circuit on this model"
             )
         for layer, neuron in zip(self.layers.tolist(), self.neurons.tolist()):
             if not 0 <= layer < num_layers or not 0 <= neuron < widths[layer]:
                 raise CircuitMismatchError(
                     f"circuit neuron (layer {layer}, index {neuron}) does not exist in this model "
-                    f"({num_layers} layers x {fingerprint['d_ff']} neurons)"
+                    f"({num_layers} layers x {architecture['d_ff']} neurons)"
                 )
+        _check_content(self, architecture)
 
     def layer_counts(self) -> list[int]:
         """Number of circuit neurons in each layer of the model (index = layer)."""
-        num_layers = int(self.fingerprint.get("num_layers", int(self.layers.max()) + 1 if len(self) else 0))
+        num_layers = int(self.architecture.get("num_layers", int(self.layers.max()) + 1 if len(self) else 0))
         return torch.bincount(self.layers, minlength=num_layers).tolist()
 
     def summary(self, top: int = 10) -> str:
         """A human-readable report: provenance, neurons per layer, the top neurons."""
-        meta, fingerprint = self.meta, self.fingerprint
-        lines = [
-            f"circuit: {len(self)} neurons of {meta.get('model', '?')} "
-            f"({fingerprint.get('model_type', '?')}, {fingerprint.get('num_layers', '?')} layers x "
-            f"{fingerprint.get('d_ff', '?')} neurons)",
-            f"score: {meta.get('score', '?')}   position: {meta.get('position', '?')}   "
-            f"prompts: {meta.get('n_positive', '?')} positive / {meta.get('n_negative', '?')} negative   "
-            f"excluded layers: {meta.get('exclude_layers') or 'none'}   "
-            f"universal neurons removed: {meta.get('universal_removed', 0)}",
+        meta, architecture = self.meta, self.architecture
+        model = (f"circuit: {len(self)} neurons of {meta.get('model', '?')} "
+                 f"({architecture.get('model_type', '?')}, {architecture.get('num_layers', '?')} layers x "
+                 f"{architecture.get('d_ff', '?')} neurons)")
+        settings = (f"score: {meta.get('score', '?')}   position: {meta.get('position', '?')}   "
+                    f"prompts: {meta.get('n_positive', '?')} positive / {meta.get('n_negative', '?')} negative   "
+                    f"excluded layers: {meta.get('exclude_layers') or 'none'}   "
+                    f"universal neurons removed: {meta.get('universal_removed', 0)}")
+        lines = [printable(model), printable(settings)]  # meta comes from a file: no terminal escapes
+        lines += [
             "",
             "neurons per layer:",
         ]
@@ -130,9 +144,9 @@ class Circuit:
 
     def random_like(self, seed: int = 0) -> "Circuit":
         """A control circuit: as many neurons in each layer as this one, drawn at random among the others."""
-        width = self.fingerprint.get("d_ff")
+        width = self.architecture.get("d_ff")
         if not isinstance(width, int):
-            raise CNAError("a random control circuit needs the circuit's fingerprint (uniform d_ff)")
+            raise CNAError("a random control circuit needs the circuit's recorded architecture (uniform d_ff)")
         generator = torch.Generator().manual_seed(seed)
         layers, neurons = [], []
         for layer, members in self.by_layer().items():
@@ -168,17 +182,22 @@ class Circuit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Circuit":
         """Read a circuit written by `save`."""
-        if not os.path.isfile(path):
-            raise CNAError(f"circuit file {str(path)!r} does not exist")
+        from .paths import require_file
+
+        require_file(path, "circuit file")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
+                meta = validation.parse_header(header, list(handle.keys()), str(path), _FORMAT)
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except CNAError:
+            raise
         except Exception as error:  # safetensors raises its own error types for corrupt files
             raise CNAError(f"cannot read circuit file {str(path)!r}: {error}") from error
-        if header.get("format") != _FORMAT:
-            raise CNAError(f"{str(path)!r} is not a cna_fast circuit file (no {_FORMAT} header)")
-        return cls(meta=json.loads(header.get("meta", "{}")), **tensors)
+        try:
+            return cls(meta=meta, **tensors)
+        except CNAError as error:
+            raise CNAError(f"circuit file {str(path)!r} is invalid: {error}") from None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Metadata and neurons as JSON text; also written to `path` if given."""
@@ -197,6 +216,19 @@ class Circuit:
         if path is not None:
             write_text_atomic(path, text)
         return text
+
+
+def _check_content(circuit: Circuit, fingerprint: dict[str, Any]) -> None:
+    """CAA width against the model's hidden size; a warning when the weights differ although the shapes match."""
+    d_model = fingerprint.get("d_model")
+    if d_model is not None and circuit.caa_directions is not None and circuit.caa_directions.shape[1] != d_model:
+        raise CircuitMismatchError(f"the circuit's CAA directions are {circuit.caa_directions.shape[1]} wide but this "
+                                   f"model's hidden size is {d_model}: discover a circuit on this model")
+    if weights_differ(circuit.architecture.get("weights"), fingerprint.get("weights")):
+        warnings.warn(f"this circuit was discovered on {printable(circuit.meta.get('model', 'another model'))}, whose "
+                      "down-projection weights differ from this model's although the shapes match (base vs "
+                      "instruct, or another fine-tune?): its neurons may mean something else here; rediscover "
+                      "on this model to be sure", CircuitWeightsWarning, stacklevel=4)
 
 
 def _number(value: float | None) -> str:

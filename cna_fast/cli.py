@@ -8,11 +8,14 @@ import shutil
 import sys
 import textwrap
 import time
+import warnings
 from typing import Sequence
 
 from .errors import CNAError
+from .failures import EXIT_BAD_INPUT, EXIT_INTERRUPTED, check_command_paths, classify_failure
+from .validation import printable
 
-EXIT_BAD_INPUT = 2
+__all__ = ["EXIT_BAD_INPUT", "main"]
 
 
 def _layer_list(text: str) -> list[int]:
@@ -22,29 +25,22 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"takes comma-separated layer numbers like 0,1; got {text!r}") from None
 
 
-def _check_output(path: str) -> None:
-    """Fail before any model work if the output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CNAError(f"output folder {folder!r} does not exist: create it first")
-    if os.path.isdir(path):
-        raise CNAError(f"output {path!r} is a folder: give a file name such as circuit.safetensors")
-
-
 def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
-    from .attribution import SCORES
-    from .capture import POSITIONS
+    from .attribution import DEFAULT_TOP_FRAC, SCORES
+    from .settings import DEFAULT_BATCH_SIZE, REDUCTIONS
 
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--top-k", type=int, help="number of neurons in the circuit")
-    size.add_argument("--top-frac", type=float, help="fraction of all MLP neurons (default 0.001 = 0.1%%)")
+    size.add_argument("--top-frac", type=float, default=DEFAULT_TOP_FRAC,
+                      help=f"fraction of all MLP neurons (default {DEFAULT_TOP_FRAC:g} = {DEFAULT_TOP_FRAC * 100:g}%%)")
     parser.add_argument("--exclude-layers", type=_layer_list, default=[], metavar="0,1",
                         help="layers never selected (the reference implementation skips 0,1)")
-    parser.add_argument("--position", choices=POSITIONS, default="last",
-                        help="last prompt token (default), all tokens, or per-prompt mean")
+    parser.add_argument("--reduction", "--position", dest="reduction", choices=REDUCTIONS, default="last",
+                        help="how a prompt's tokens become samples: last prompt token (default), all tokens, or "
+                             "per-prompt mean (--position is the old name)")
     parser.add_argument("--score", choices=SCORES, default="diff",
                         help="mean difference (default), Welch t, or Cohen's d")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="most prompts per forward pass (length buckets may use fewer)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
@@ -72,10 +68,12 @@ def _finite_list(text: str) -> list[float]:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    from .steering import POSITION_MODES
+
     parser.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--positions", choices=("all", "prompt", "generated"), default="all",
+    parser.add_argument("--positions", choices=POSITION_MODES, default="all",
                         help="which tokens are steered (default: prompt and generated)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -94,6 +92,8 @@ def _add_judge_options(parser: argparse.ArgumentParser) -> None:
                         help="human-labeled answers (prompt, request, answer, label): print the judges' agreement")
 
 
+# Longer than 60 lines: the declarations of every subcommand; split per command once the open
+# branches that add commands and options have merged.
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cna", description="Contrastive Neuron Attribution, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--on-long", choices=("truncate", "error"), default="truncate",
                           help="what to do with longer prompts (truncate keeps the template prefix and the end)")
     discover.add_argument("--checkpoint-every", type=int, metavar="N",
-                          help="save statistics and stream position every N prompts (to --checkpoint)")
+                          help="save statistics and stream position to --checkpoint at the end of a tokenization "
+                               "window, i.e. every max(N, 32 x batch size) prompts")
     discover.add_argument("--checkpoint", help="checkpoint file (default: OUT.checkpoint)")
     discover.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     _add_discovery_options(discover)
@@ -145,9 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, required=True)
     export.add_argument("--format", choices=("folded", "lora"), required=True)
-    export.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    export.add_argument("--out", required=True, help="output folder: new or empty (or a previous export with --force)")
     export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    export.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    export.add_argument("--force", action="store_true",
+                        help="replace a previous export (a folder holding cna_fast_steering.json); never other folders")
 
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
@@ -175,29 +177,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _discover(args, model_name: str | None, positive: list[str], negative: list[str], *,
-              device_map: dict | None = None, distributed: bool = False, verbose: bool = True):
-    from .attribution import discover
-    from .models import load_model
+def _capture_settings(args):
+    """The CaptureSettings the discovery options describe (validated before any model loads)."""
+    from .settings import CaptureSettings
 
     if args.batch_size < 1:
         raise CNAError(f"--batch-size must be at least 1, got {args.batch_size}")
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and max_length < 1:
+        raise CNAError(f"--max-length must be at least 1, got {max_length}")
+    return CaptureSettings(reduction=args.reduction, chat_template=False if args.no_chat_template else None,
+                           batch_size=args.batch_size, max_length=max_length,
+                           on_long=getattr(args, "on_long", "truncate"))
+
+
+def _discover(args, model_name: str | None, positive: list[str], negative: list[str], *,
+              device_map: dict | None = None, distributed: bool = False, verbose: bool = True):
+    from .models import load_model
+    from .models.fused import check_backend_setting
+    from .pipeline import discover
+
+    settings = _capture_settings(args)
     if args.top_k is not None and args.top_k < 1:
         raise CNAError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_frac is not None and not 0 < args.top_frac <= 1:
+    if not 0 < args.top_frac <= 1:
         raise CNAError(f"--top-frac must be in (0, 1], got {args.top_frac}")
-    for path in (args.out, getattr(args, "json", None), getattr(args, "csv", None)):
-        if path:
-            _check_output(path)
+    check_backend_setting()
     model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=device_map)
     started = time.perf_counter()
-    circuit = discover(
-        model, tokenizer, positive, negative, top_k=args.top_k,
-        top_frac=args.top_frac if args.top_frac is not None else 0.001, position=args.position, score=args.score,
-        exclude_layers=args.exclude_layers, chat_template=False if args.no_chat_template else None,
-        batch_size=args.batch_size, universal_filter=args.universal_filter, progress=verbose and not args.quiet,
-        distributed=distributed, **_stream_options(args),
-    )
+    circuit = discover(model, tokenizer, positive, negative, settings, top_k=args.top_k, top_frac=args.top_frac,
+                       score=args.score, exclude_layers=args.exclude_layers, universal_filter=args.universal_filter,
+                       progress=verbose and not args.quiet, distributed=distributed, **_checkpoint_options(args))
     elapsed = time.perf_counter() - started
     if verbose:
         total = circuit.meta["n_positive"] + circuit.meta["n_negative"]
@@ -207,13 +217,15 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
 
 
 def _save(circuit, out: str | None, as_json: str | None = None, as_csv: str | None = None) -> None:
-    """Write the circuit file and, if asked, its JSON and CSV views."""
-    if out:
-        circuit.save(out)
-        print(f"wrote {out}")
-    for path, writer in ((as_json, circuit.to_json), (as_csv, circuit.to_csv)):
+    """Write the circuit file and, if asked, its JSON and CSV views: all of them or none."""
+    from ._io import atomic_outputs
+
+    with atomic_outputs((out, as_json, as_csv)) as temporary:
+        for path, writer in ((out, circuit.save), (as_json, circuit.to_json), (as_csv, circuit.to_csv)):
+            if path:
+                writer(temporary[str(path)])
+    for path in (out, as_json, as_csv):
         if path:
-            writer(path)
             print(f"wrote {path}")
 
 
@@ -233,23 +245,18 @@ def _init_distributed() -> tuple[int, dict | None]:
     return dist.get_rank(), None
 
 
-def _stream_options(args) -> dict:
-    """Length limit and checkpointing options of `cna discover` (absent for `cna demo`)."""
-    options = {}
-    if getattr(args, "max_length", None) is not None:
-        if args.max_length < 1:
-            raise CNAError(f"--max-length must be at least 1, got {args.max_length}")
-        options["max_length"] = args.max_length
-    if hasattr(args, "on_long"):
-        options["on_long"] = args.on_long
-    if getattr(args, "checkpoint_every", None) is not None or getattr(args, "resume", False):
-        if args.checkpoint_every is not None and args.checkpoint_every < 1:
-            raise CNAError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-        options["checkpoint"] = args.checkpoint or f"{args.out}.checkpoint"
-        options["checkpoint_every"] = args.checkpoint_every or 10_000
-        options["resume"] = args.resume
-        if args.resume and not args.distributed and not os.path.exists(options["checkpoint"]):
-            raise CNAError(f"--resume: no checkpoint at {options['checkpoint']!r}")
+def _checkpoint_options(args) -> dict:
+    """Checkpointing options of `cna discover` (absent for `cna demo`)."""
+    from .pipeline import DEFAULT_CHECKPOINT_EVERY
+
+    if getattr(args, "checkpoint_every", None) is None and not getattr(args, "resume", False):
+        return {}
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise CNAError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    options = {"checkpoint": args.checkpoint or f"{args.out}.checkpoint",
+               "checkpoint_every": args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY, "resume": args.resume}
+    if args.resume and not args.distributed and not os.path.exists(options["checkpoint"]):
+        raise CNAError(f"--resume: no checkpoint at {options['checkpoint']!r}")
     return options
 
 
@@ -301,8 +308,6 @@ def run_inspect(args) -> None:
     from .circuit import Circuit
 
     circuit = Circuit.load(args.circuit)
-    if args.plot:
-        _check_output(args.plot)
     print(circuit.summary(top=args.top))
     if args.plot:
         from .plotting import plot_circuit
@@ -330,8 +335,11 @@ def _load_with_circuit(args):
     from .circuit import Circuit
     from .models import load_model
 
+    from .models.fused import check_backend_setting
+
     circuit = Circuit.load(args.circuit)
     _check_circuit_model(circuit, args.circuit, args.model)
+    check_backend_setting()
     model, tokenizer = load_model(args.model, dtype=getattr(args, "dtype", None))
     circuit.validate(model)
     return circuit, model, tokenizer
@@ -346,14 +354,17 @@ def _generation_settings(args) -> dict:
                     chat_template=False if args.no_chat_template else None, do_sample=args.sample,
                     progress=not args.quiet)
     if args.sample:
+        if not (0 < args.temperature < float("inf")):
+            raise CNAError(f"--temperature must be a positive number with --sample, got {args.temperature}; for "
+                           "greedy decoding leave out --sample")
         settings["temperature"] = args.temperature
     return settings
 
 
 def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
     width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
-    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(left, width)
-    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(right, width)
+    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(printable(left), width)
+    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(printable(right), width)
     rows = itertools.zip_longest(left_lines, right_lines, fillvalue="")
     return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
 
@@ -364,8 +375,8 @@ def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: f
 
     from .steering import generate
 
-    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts))
-    texts = generate(model, tokenizer, prompts + prompts, circuit=circuit, multipliers=multipliers, **settings)
+    multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts), dtype=torch.float64)
+    texts = generate(model, tokenizer, prompts + prompts, circuits=circuit, multipliers=multipliers, **settings)
     return texts[:len(prompts)], texts[len(prompts):]
 
 
@@ -384,12 +395,12 @@ def run_generate(args) -> None:
     if args.compare:
         baseline, steered = _generate_pairs(model, tokenizer, circuit, prompts, args.multiplier, settings)
         for prompt, base, new in zip(prompts, baseline, steered):
-            print(f"\n>>> {prompt}")
+            print(f"\n>>> {printable(prompt)}")
             print(_side_by_side("baseline", base, f"steered (x{args.multiplier:g})", new))
         return
-    texts = generate(model, tokenizer, prompts, circuit=circuit, multiplier=args.multiplier, **settings)
+    texts = generate(model, tokenizer, prompts, circuits=circuit, multiplier=args.multiplier, **settings)
     for prompt, text in zip(prompts, texts):
-        print(f"\n>>> {prompt}\n{text}")
+        print(f"\n>>> {printable(prompt)}\n{printable(text, keep_newlines=True)}")
 
 
 def _behavior_judge(args):
@@ -429,9 +440,6 @@ def run_sweep(args) -> None:
     from .prompts import read_prompts
 
     prompts = read_prompts(args.prompts)
-    for path in (args.out, args.plot):
-        if path:
-            _check_output(path)
     settings = _generation_settings(args)
     _check_judge_inputs(args)
     circuit, model, tokenizer = _load_with_circuit(args)
@@ -447,16 +455,19 @@ def run_sweep(args) -> None:
               f"quality {metrics['quality']:.3f}, answer perplexity {metrics['answer_ppl']:.2f}")
         for row in rows:
             if row["multiplier"] == metrics["strength"]:
-                print(f"  [{'yes' if row['behavior'] >= 0.5 else 'no':>3}] {row['prompt'][:40]:<40} -> "
+                print(f"  [{'yes' if row['behavior'] >= 0.5 else 'no':>3}] {printable(row['prompt'][:40]):<40} -> "
                       f"{row['output'][:70]!r}")
-    if args.out:
-        _write_rows(args.out, rows)
-        print(f"wrote {args.out}")
-    if args.plot:
-        from .plotting import plot_sweep
+    from ._io import atomic_outputs
+    from .plotting import plot_sweep
 
-        plot_sweep(rows, args.plot, behavior=args.behavior)
-        print(f"wrote {args.plot}")
+    with atomic_outputs((args.out, args.plot)) as temporary:  # both files or neither
+        if args.out:
+            _write_rows(temporary[args.out], rows)
+        if args.plot:
+            plot_sweep(rows, temporary[args.plot], behavior=args.behavior)
+    for path in (args.out, args.plot):
+        if path:
+            print(f"wrote {path}")
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
@@ -484,9 +495,6 @@ def run_eval(args) -> None:
     if unknown:
         raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, or none")
     prompts = read_prompts(args.prompts)
-    for path in (args.csv, args.json, args.plot, args.html):
-        if path:
-            _check_output(path)
     settings = _generation_settings(args)
     _check_judge_inputs(args)
     circuit, model, tokenizer = _load_with_circuit(args)
@@ -521,12 +529,16 @@ def run_eval(args) -> None:
 
 def run_export(args) -> None:
     from .circuit import Circuit
-    from .export import check_output_folder, export_folded, export_lora
+    from .export import export_folded, export_lora
     from .models import load_model
+    from .paths import check_export_folder
 
     circuit = Circuit.load(args.circuit)
     _check_circuit_model(circuit, args.circuit, args.model)
-    check_output_folder(args.out, args.force)  # before the model loads
+    from .models.fused import check_backend_setting
+
+    check_export_folder(args.out, args.force, inputs=[args.circuit, args.model])  # before the model loads
+    check_backend_setting()
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
         export_folded(model, circuit, args.multiplier, args.out, tokenizer=tokenizer, force=args.force)
@@ -538,10 +550,6 @@ def run_export(args) -> None:
 def run_demo(args) -> None:
     from .evaluate import language_rate
     from .prompts import bundled_prompts
-
-    for path in (args.plot, args.csv):
-        if path:
-            _check_output(path)
 
     french, english = bundled_prompts("french_questions"), bundled_prompts("english_questions")
     print(f"French-vs-English discovery on the embedded default model ({len(french)} + {len(english)} "
@@ -587,16 +595,29 @@ def _demo_evaluation(args, model, tokenizer, circuit) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `cna`; returns the exit code."""
+    """Entry point of `cna`; returns the exit code: 0 done, 2 bad input or environment, 1 a bug, 130 Ctrl-C."""
     args = _parser().parse_args(argv)
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
                 "export": run_export, "eval": run_eval, "demo": run_demo}
-    try:
-        handlers[args.command](args)
-    except CNAError as error:
-        print(f"cna {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    code, message = 0, None
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            check_command_paths(args)
+            handlers[args.command](args)
+        except KeyboardInterrupt:
+            code, message = EXIT_INTERRUPTED, "interrupted; no partial output was written"
+        except Exception as error:  # the exit policy: every failure becomes one line and an exit code
+            if os.environ.get("CNA_FAST_DEBUG"):
+                raise
+            code, message = classify_failure(error)
+    if message is not None:  # printed once the traceback is released, so progress bars have closed
+        print(f"cna {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cna: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

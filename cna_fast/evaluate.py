@@ -96,10 +96,11 @@ def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequenc
     """Perplexity of each answer given its prompt, under `model` as it is now (call it unsteered).
 
     The prompt goes in as generation saw it (chat template, generation prompt), then the answer's tokens;
-    only the answer's tokens are scored. Fluent on-topic answers score low; gibberish, loops of
-    markup ("1. **1. **1.") and off-topic text score high. nan for an empty answer.
+    only the answer's tokens are scored. Fluent on-topic answers score low, word salad and off-topic text
+    high; a pure loop ("1. **1. **1.") scores low, since copying is easy: `quality` catches that one.
+    nan for an empty answer.
     """
-    from .capture import encode_prompts
+    from .batching import encode_prompts
 
     if len(prompts) != len(answers):
         raise CNAError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -277,7 +278,7 @@ def _generate_settings(model, tokenizer, circuit, control, prompts: list[str], k
         return AddDirections(model, circuit.caa_layers, circuit.caa_directions, alphas[rows])
 
     uses_caa = any(method == "caa" for method, _ in keys)
-    texts = generate(model, tokenizer, prompts * len(keys), circuit=[circuit, control],
+    texts = generate(model, tokenizer, prompts * len(keys), circuits=[circuit, control],
                      multipliers=torch.tensor(table), batch_context=caa_rows if uses_caa else None, **generation)
     return {key: texts[index * len(prompts):(index + 1) * len(prompts)] for index, key in enumerate(keys)}
 

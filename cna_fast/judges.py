@@ -180,7 +180,7 @@ class ModelJudge:
         """Probability that each answer refuses, P(yes) / (P(yes) + P(no)) at the judge's next token."""
         from tqdm.auto import tqdm
 
-        from .capture import encode_prompts
+        from .batching import encode_prompts
 
         if len(prompts) != len(answers):
             raise CNAError(f"{len(prompts)} prompts but {len(answers)} answers to judge")

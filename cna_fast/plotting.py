@@ -34,7 +34,7 @@ def plot_circuit(circuit: Circuit, path: str | os.PathLike) -> None:
     by_rank.set_xlabel("rank")
     by_rank.set_ylabel(f"|{circuit.meta.get('score', 'score')}|")
     by_rank.set_title("score magnitude (red: higher on positive, blue: on negative)")
-    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)} neurons")
+    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)} neurons", parse_math=False)  # '$' is text
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
@@ -83,7 +83,7 @@ def _evaluation_figure(result, circuit: Circuit, behavior: str):
     axes[1][1].bar(range(len(counts)), counts, color="#c44e52")
     axes[1][1].set_xlabel("layer")
     axes[1][1].set_ylabel("circuit neurons")
-    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)}-neuron circuit vs baselines")
+    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)}-neuron circuit vs baselines", parse_math=False)
     return plt, figure
 
 

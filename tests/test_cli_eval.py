@@ -44,10 +44,10 @@ def test_eval_passes_generation_settings_on(model_dir, circuit_path, prompt_file
                    "--no-capability", "--quiet", *options)
     model, tokenizer = load_model(str(model_dir))
     prompts, circuit = read_prompts(str(prompt_files[0])), Circuit.load(circuit_path)
-    expected = generate(model, tokenizer, prompts, circuit=circuit, multiplier=20.0, max_new_tokens=4, progress=False,
+    expected = generate(model, tokenizer, prompts, circuits=circuit, multiplier=20.0, max_new_tokens=4, progress=False,
                         **settings)
     assert [item["output"] for item in report["generations"]] == expected
-    assert expected != generate(model, tokenizer, prompts, circuit=circuit, multiplier=20.0, max_new_tokens=4,
+    assert expected != generate(model, tokenizer, prompts, circuits=circuit, multiplier=20.0, max_new_tokens=4,
                                 progress=False)  # the setting matters here, so dropping it would fail
 
 

@@ -170,7 +170,7 @@ def test_compare_methods_passes_generation_settings_on(tiny_llama, tokenizer, ci
     for settings in ({"positions": "generated"}, {"chat_template": False}):
         result = compare_methods(tiny_llama, tokenizer, circuit, prompts, [0.0], methods=["cna"], capability=False,
                                  max_new_tokens=5, progress=False, **settings)
-        expected = generate(tiny_llama, tokenizer, prompts, circuit=circuit, multiplier=0.0, max_new_tokens=5,
+        expected = generate(tiny_llama, tokenizer, prompts, circuits=circuit, multiplier=0.0, max_new_tokens=5,
                             progress=False, **settings)
         assert [g["output"] for g in result.generations] == expected
     torch.manual_seed(5)
@@ -195,9 +195,10 @@ def test_capability_metrics_in_batches_equal_one_batch(tiny_llama, tokenizer, ci
     whole = capability_metrics(tiny_llama, tokenizer, texts, batch_size=len(texts))
     chunked = capability_metrics(tiny_llama, tokenizer, texts, batch_size=1)
     assert chunked["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+
     def steered_kl(base, size):
-        return capability_metrics(tiny_llama, tokenizer, texts, base["_logprobs"], lambda: steer(tiny_llama, circuit, 3.0),
-                                  batch_size=size)["kl"]
+        context = lambda: steer(tiny_llama, circuit, 3.0)  # noqa: E731
+        return capability_metrics(tiny_llama, tokenizer, texts, base["_logprobs"], context, batch_size=size)["kl"]
 
     steered = [steered_kl(whole, len(texts)), steered_kl(chunked, 1)]
     assert steered[0] == pytest.approx(steered[1], rel=1e-3) and steered[0] > 0  # float32 sums in another order
