@@ -84,6 +84,15 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_judge_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--behavior", choices=("refusal", "french", "english"), default="refusal",
+                        help="what counts as the behavior in an answer (refusal: the rule judge, unless --judge)")
+    parser.add_argument("--judge", metavar="MODEL_OR_PATH",
+                        help="grade refusal with a local chat model (rubric prompt, yes/no next-token probabilities)")
+    parser.add_argument("--judge-labels", metavar="JSONL",
+                        help="human-labeled answers (prompt, request, answer, label): print the judges' agreement")
+
+
 # Longer than 60 lines: the declarations of every subcommand; split per command once the open
 # branches that add commands and options have merged.
 def _parser() -> argparse.ArgumentParser:
@@ -130,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--circuit", required=True)
     sweep.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
     sweep.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.csv)")
-    sweep.add_argument("--out", help="CSV of every generation with its quality and language")
-    sweep.add_argument("--plot", help="PNG of quality and answer language against the multiplier")
+    sweep.add_argument("--out", help="CSV of every generation with its behavior, quality and answer perplexity")
+    sweep.add_argument("--plot", help="PNG of behavior rate and quality against the multiplier")
+    _add_judge_options(sweep)
     _add_generation_options(sweep)
 
     export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
@@ -158,12 +168,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", required=True, help="prompts whose answers show the behavior")
     evaluate.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
     evaluate.add_argument("--baseline", default="caa,random", help="comma-separated: caa, random (or 'none')")
-    evaluate.add_argument("--behavior", choices=("refusal", "french", "english"), default="refusal",
-                          help="what counts as the behavior in an answer")
+    evaluate.add_argument("--no-capability", action="store_true",
+                          help="skip the KL, perplexity and multiple-choice pass (one forward pass per setting)")
     evaluate.add_argument("--csv", help="metrics per method and strength as CSV")
     evaluate.add_argument("--json", help="metrics and every generation as JSON")
     evaluate.add_argument("--plot", help="PNG: behavior, quality and KL against strength, and the layer distribution")
     evaluate.add_argument("--html", help="an HTML report with the plot, the table and sample generations")
+    _add_judge_options(evaluate)
     _add_generation_options(evaluate)
 
     demo = commands.add_parser("demo", help="French-vs-English discovery on the embedded default model")
@@ -317,6 +328,21 @@ def run_inspect(args) -> None:
         print(f"wrote {args.plot}")
 
 
+def _check_circuit_model(circuit, path: str, model_arg: str | None) -> None:
+    """Before any model loads: name the model a circuit was found on, and ask for --model when it is not
+    the default."""
+    from .models import DEFAULT_MODEL_NAME
+
+    found_on = circuit.meta.get("model")
+    if not found_on:
+        return
+    if model_arg is None and found_on != DEFAULT_MODEL_NAME:
+        raise CNAError(f"circuit {path!r} was found on model {found_on!r}, not on the default {DEFAULT_MODEL_NAME}: "
+                       f"pass --model {found_on}")
+    if model_arg is not None and str(model_arg) != found_on:
+        print(f"note: circuit {path!r} was found on model {found_on!r}; applying it to {model_arg!r}", file=sys.stderr)
+
+
 def _load_with_circuit(args):
     from .circuit import Circuit
     from .models import load_model
@@ -324,6 +350,7 @@ def _load_with_circuit(args):
     from .models.fused import check_backend_setting
 
     circuit = Circuit.load(args.circuit)
+    _check_circuit_model(circuit, args.circuit, args.model)
     check_backend_setting()
     model, tokenizer = load_model(args.model, dtype=getattr(args, "dtype", None))
     circuit.validate(model)
@@ -388,30 +415,60 @@ def run_generate(args) -> None:
         print(f"\n>>> {printable(prompt)}\n{printable(text, keep_newlines=True)}")
 
 
+def _behavior_judge(args):
+    """The behavior: a name for the rule judges, or a model judge loaded from --judge. With --judge-labels,
+    print the refusal judges' agreement with the human labels first."""
+    from .judges import ModelJudge, agreement_line, is_refusal, judge_agreement
+
+    judge = None
+    if args.judge:
+        from .models import load_model
+
+        judge_model, judge_tokenizer = load_model(args.judge)
+        judge = ModelJudge(judge_model, judge_tokenizer, batch_size=args.batch_size, progress=not args.quiet)
+    if args.judge_labels:
+        print(f"rule judge (is_refusal) on {args.judge_labels}: "
+              f"{agreement_line(judge_agreement(is_refusal, args.judge_labels))}")
+        if judge is not None:
+            print(f"model judge ({args.judge}) on {args.judge_labels}: "
+                  f"{agreement_line(judge_agreement(judge, args.judge_labels))}")
+    return judge if judge is not None else args.behavior
+
+
+def _check_judge_inputs(args) -> None:
+    """Fail before any model loads on a missing labels file or a judge for another behavior."""
+    from .judges import read_labeled_answers
+
+    if args.judge and args.behavior != "refusal":
+        raise CNAError(f"--judge grades refusal, not {args.behavior}: use it with --behavior refusal")
+    if args.judge_labels:
+        read_labeled_answers(args.judge_labels)
+
+
 def run_sweep(args) -> None:
     import torch
 
-    from .evaluate import detect_language, quality
+    from .evaluate import compare_methods
     from .prompts import read_prompts
-    from .steering import generate
 
     prompts = read_prompts(args.prompts)
     settings = _generation_settings(args)
+    _check_judge_inputs(args)
     circuit, model, tokenizer = _load_with_circuit(args)
+    behavior = _behavior_judge(args)
     torch.manual_seed(args.seed)
-    multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts], dtype=torch.float64)
-    texts = generate(model, tokenizer, prompts * len(args.multipliers), circuits=circuit, multipliers=multipliers,
-                     **settings)
-    rows = [{"multiplier": value, "prompt_index": i, "prompt": prompt, "output": texts[k * len(prompts) + i],
-             "quality": quality(texts[k * len(prompts) + i]), "language": detect_language(texts[k * len(prompts) + i])}
-            for k, value in enumerate(args.multipliers) for i, prompt in enumerate(prompts)]
-    for value in args.multipliers:
-        chosen = [row for row in rows if row["multiplier"] == value]
-        languages = {lang: sum(row["language"] == lang for row in chosen) / len(chosen) for lang in ("fr", "en")}
-        print(f"\n=== multiplier {value:g}: quality {sum(r['quality'] for r in chosen) / len(chosen):.3f}, "
-              f"answers in French {languages['fr']:.0%}, in English {languages['en']:.0%}")
-        for row in chosen:
-            print(f"  [{row['language']:>7}] {printable(row['prompt'][:40]):<40} -> {row['output'][:70]!r}")
+    result = compare_methods(model, tokenizer, circuit, prompts, args.multipliers, methods=["cna"], behavior=behavior,
+                             capability=False, **settings)
+    rows = [{"multiplier": item["strength"], "prompt_index": index % len(prompts), "prompt": item["prompt"],
+             "output": item["output"], "behavior": item["behavior"], "quality": item["quality"],
+             "answer_ppl": item["answer_ppl"]} for index, item in enumerate(result.generations)]
+    for metrics in result.metrics:
+        print(f"\n=== multiplier {metrics['strength']:g}: {args.behavior} {metrics['behavior_rate']:.0%}, "
+              f"quality {metrics['quality']:.3f}, answer perplexity {metrics['answer_ppl']:.2f}")
+        for row in rows:
+            if row["multiplier"] == metrics["strength"]:
+                print(f"  [{'yes' if row['behavior'] >= 0.5 else 'no':>3}] {printable(row['prompt'][:40]):<40} -> "
+                      f"{row['output'][:70]!r}")
     from ._io import atomic_outputs
     from .plotting import plot_sweep
 
@@ -419,7 +476,7 @@ def run_sweep(args) -> None:
         if args.out:
             _write_rows(temporary[args.out], rows)
         if args.plot:
-            plot_sweep(rows, temporary[args.plot])
+            plot_sweep(rows, temporary[args.plot], behavior=args.behavior)
     for path in (args.out, args.plot):
         if path:
             print(f"wrote {path}")
@@ -442,7 +499,7 @@ def run_eval(args) -> None:
     import json
 
     from ._io import write_text_atomic
-    from .evaluate import sweep
+    from .evaluate import compare_methods
     from .prompts import read_prompts
 
     baselines = [] if args.baseline.strip() == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
@@ -451,21 +508,24 @@ def run_eval(args) -> None:
         raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, or none")
     prompts = read_prompts(args.prompts)
     settings = _generation_settings(args)
+    _check_judge_inputs(args)
     circuit, model, tokenizer = _load_with_circuit(args)
+    behavior = _behavior_judge(args)
     import torch
 
     torch.manual_seed(args.seed)
-    result = sweep(model, tokenizer, circuit, prompts, args.multipliers, methods=["cna", *baselines],
-                   behavior=args.behavior, max_new_tokens=settings["max_new_tokens"],
-                   batch_size=settings["batch_size"], seed=args.seed, progress=settings["progress"])
-    print(f"behavior: {args.behavior}; {len(prompts)} prompts; strength = multiplier for CNA and random, "
-          "alpha = strength - 1 for CAA")
+    result = compare_methods(model, tokenizer, circuit, prompts, args.multipliers, methods=["cna", *baselines],
+                             behavior=behavior, capability=not args.no_capability, seed=args.seed, **settings)
+    judged_by = f"model judge {args.judge}" if args.judge else "rule judge"
+    print(f"behavior: {args.behavior} ({judged_by}); {len(prompts)} prompts; strength = multiplier for CNA and "
+          "random, alpha = strength - 1 for CAA; answer_ppl = answer perplexity under the unsteered model")
     print(result.table())
     if args.csv:
         _write_rows(args.csv, result.metrics)
         print(f"wrote {args.csv}")
     if args.json:
-        write_text_atomic(args.json, json.dumps({"behavior": args.behavior, "metrics": result.metrics,
+        write_text_atomic(args.json, json.dumps({"behavior": args.behavior, "judge": args.judge or "rule",
+                                                 "metrics": result.metrics,
                                                  "generations": result.generations}, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot or args.html:
@@ -486,6 +546,7 @@ def run_export(args) -> None:
     from .paths import check_export_folder
 
     circuit = Circuit.load(args.circuit)
+    _check_circuit_model(circuit, args.circuit, args.model)
     from .models.fused import check_backend_setting
 
     check_backend_setting()
@@ -546,14 +607,14 @@ def run_demo(args) -> None:
 
 
 def _demo_evaluation(args, model, tokenizer, circuit) -> None:
-    from .evaluate import sweep
+    from .evaluate import compare_methods
     from .prompts import bundled_prompts
 
     held_out = bundled_prompts("french_heldout")
     print(f"\nevaluation on {len(held_out)} held-out French questions (behavior = answer in French), "
           "strength = multiplier for CNA and random, alpha = strength - 1 for CAA:")
-    result = sweep(model, tokenizer, circuit, held_out, [0.0, 0.5, 1.0, 2.0], behavior="french", max_new_tokens=40,
-                   batch_size=32, progress=not args.quiet)
+    result = compare_methods(model, tokenizer, circuit, held_out, [0.0, 0.5, 1.0, 2.0], behavior="french",
+                             max_new_tokens=40, batch_size=32, progress=not args.quiet)
     print(result.table())
     if args.csv:
         _write_rows(args.csv, result.metrics)

@@ -40,19 +40,18 @@ def plot_circuit(circuit: Circuit, path: str | os.PathLike) -> None:
     plt.close(figure)
 
 
-def plot_sweep(rows: list[dict], path: str | os.PathLike) -> None:
-    """Quality and answer language against the multiplier, from `cna sweep` rows."""
+def plot_sweep(rows: list[dict], path: str | os.PathLike, behavior: str = "behavior") -> None:
+    """Behavior rate and quality against the multiplier, from `cna sweep` rows."""
     plt = _pyplot()
     values = sorted({row["multiplier"] for row in rows})
 
-    def mean_of(key, predicate=lambda row: True):
-        chosen = [[row for row in rows if row["multiplier"] == value] for value in values]
-        return [sum(key(row) for row in group if predicate(row)) / len(group) for group in chosen]
+    def mean_of(key):
+        groups = [[row[key] for row in rows if row["multiplier"] == value] for value in values]
+        return [sum(group) / len(group) for group in groups]
 
     figure, axis = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    axis.plot(values, mean_of(lambda row: row["quality"]), "o-", label="quality (1 - repeated 4-grams)")
-    axis.plot(values, mean_of(lambda row: row["language"] == "fr"), "s-", label="answers in French")
-    axis.plot(values, mean_of(lambda row: row["language"] == "en"), "^-", label="answers in English")
+    axis.plot(values, mean_of("behavior"), "s-", label=f"{behavior} rate")
+    axis.plot(values, mean_of("quality"), "o-", label="quality (1 - repeated 4-grams)")
     axis.set_xlabel("multiplier")
     axis.set_ylim(-0.05, 1.05)
     axis.legend()
@@ -75,7 +74,8 @@ def _evaluation_figure(result, circuit: Circuit, behavior: str):
         for method in dict.fromkeys(row["method"] for row in result.metrics):
             rows = [row for row in result.metrics if row["method"] == method]
             style, colour, name = _METHOD_STYLE[method]
-            axis.plot([row["strength"] for row in rows], [row[key] for row in rows], style, color=colour, label=name)
+            values = [float("nan") if row[key] is None else row[key] for row in rows]  # None: not measured
+            axis.plot([row["strength"] for row in rows], values, style, color=colour, label=name)
         axis.set_xlabel("strength (multiplier; CAA alpha = strength - 1)")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
@@ -109,7 +109,7 @@ def write_html_report(result, circuit: Circuit, path: str | os.PathLike, behavio
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     image = base64.b64encode(buffer.getvalue()).decode()
-    columns = ["method", "strength", "behavior_rate", "quality", "kl", "perplexity", "mc_accuracy"]
+    columns = ["method", "strength", "behavior_rate", "quality", "answer_ppl", "kl", "perplexity", "mc_accuracy"]
     table = "".join("<tr>" + "".join(f"<td>{html.escape(f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]))}</td>"
                                      for c in columns) + "</tr>" for row in result.metrics)
     shown: dict[tuple, int] = {}
