@@ -13,6 +13,7 @@ from .circuit import Circuit
 from .attribution import attribute, discover, score_neurons, select_neurons
 from .steering import caa, generate, steer
 from .export import export_folded, export_lora
+from .tune import tune
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "score_neurons",
     "select_neurons",
     "steer",
+    "tune",
 ]

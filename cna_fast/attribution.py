@@ -172,7 +172,7 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
              universal_filter: bool | UniversalFilter | torch.Tensor = False, padding_side: str = "right",
              progress: bool = True, distributed: bool = False, max_length: int | None = None,
              on_long: str = "truncate", checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 10_000,
-             resume: bool = False) -> Circuit:
+             resume: bool = False, save_stats: str | os.PathLike | None = None) -> Circuit:
     """Find the circuit: the neurons whose activations best separate `positive` from `negative` prompts.
 
     top_k / top_frac: circuit size (top_frac of all the model's MLP neurons, 0.1% by default).
@@ -188,6 +188,8 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
     checkpoint / checkpoint_every / resume: save the statistics and stream position to `checkpoint`
         every `checkpoint_every` prompts; with resume=True continue from it. Needs re-readable
         prompt sets (lists or PromptSource files) so the inputs can be fingerprinted.
+    save_stats: also write the contrast statistics there (`NeuronStats.save`; rank 0 only), so that
+        `cna_fast.tune` can search circuits of every size without capturing again.
     """
     adapter = get_adapter(model)
     validate_position(position)
@@ -209,6 +211,10 @@ def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str],
     stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side,
                              distributed=distributed, max_length=max_length, on_long=on_long, checkpoint=saver,
                              **common)
+    if save_stats is not None and (not distributed or torch.distributed.get_rank() == 0):
+        stats.meta = {"model": model_name(model), "fingerprint": adapter.fingerprint(), "position": position,
+                      "chat_template": uses_chat_template(tokenizer, chat_template)}
+        stats.save(save_stats)
     universal = _universal_mask(universal_filter, model, tokenizer, layers, adapter.num_layers, common)
     meta = {
         "model": model_name(model),

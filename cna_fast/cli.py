@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="save statistics and stream position every N prompts (to --checkpoint)")
     discover.add_argument("--checkpoint", help="checkpoint file (default: OUT.checkpoint)")
     discover.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    discover.add_argument("--save-stats", metavar="PATH",
+                          help="also write the contrast statistics (.safetensors) for `cna tune --stats`")
     _add_discovery_options(discover)
 
     inspect = commands.add_parser("inspect", help="summarize a circuit file")
@@ -116,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate with a circuit's neurons scaled")
     generate.add_argument("--circuit", required=True)
-    generate.add_argument("--multiplier", type=_finite, default=0.0, help="0 ablates, 1 is the identity, 2 doubles")
+    generate.add_argument("--multiplier", type=_finite,
+                          help="0 ablates, 1 is the identity, 2 doubles (default: the circuit's tuned one, else 0)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv)")
@@ -133,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a steered model for serving (folded weights or LoRA)")
     export.add_argument("--circuit", required=True)
-    export.add_argument("--multiplier", type=_finite, required=True)
+    export.add_argument("--multiplier", type=_finite, help="default: the multiplier the circuit records (cna tune)")
     export.add_argument("--format", choices=("folded", "lora"), required=True)
     export.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     export.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
@@ -142,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
     evaluate.add_argument("--prompts", required=True, help="prompts whose answers show the behavior")
-    evaluate.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
+    evaluate.add_argument("--multipliers", type=_finite_list, metavar="0,0.5,1,2",
+                          help="strengths (default: 1 and the circuit's tuned multiplier, else 0,0.5,1,2)")
     evaluate.add_argument("--baseline", default="caa,random", help="comma-separated: caa, random (or 'none')")
     evaluate.add_argument("--behavior", choices=("refusal", "french", "english"), default="refusal",
                           help="what counts as the behavior in an answer")
@@ -161,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", help="with --evaluate: PNG of French-answer rate, quality and KL against strength")
     demo.add_argument("--csv", help="with --evaluate: the metrics as CSV")
     _add_discovery_options(demo)
+    _add_tune_parser(commands)
     return parser
 
 
@@ -175,7 +180,7 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
         raise CNAError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_frac is not None and not 0 < args.top_frac <= 1:
         raise CNAError(f"--top-frac must be in (0, 1], got {args.top_frac}")
-    for path in (args.out, getattr(args, "json", None), getattr(args, "csv", None)):
+    for path in (args.out, getattr(args, "json", None), getattr(args, "csv", None), getattr(args, "save_stats", None)):
         if path:
             _check_output(path)
     model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=device_map)
@@ -185,7 +190,7 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
         top_frac=args.top_frac if args.top_frac is not None else 0.001, position=args.position, score=args.score,
         exclude_layers=args.exclude_layers, chat_template=False if args.no_chat_template else None,
         batch_size=args.batch_size, universal_filter=args.universal_filter, progress=verbose and not args.quiet,
-        distributed=distributed, **_stream_options(args),
+        distributed=distributed, save_stats=getattr(args, "save_stats", None), **_stream_options(args),
     )
     elapsed = time.perf_counter() - started
     if verbose:
@@ -353,6 +358,7 @@ def run_generate(args) -> None:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
+    args.multiplier = recorded_multiplier(args.multiplier, circuit, 0.0)
     torch.manual_seed(args.seed)
     if args.compare:
         baseline, steered = _generate_pairs(model, tokenizer, circuit, prompts, args.multiplier, settings)
@@ -432,6 +438,9 @@ def run_eval(args) -> None:
             _check_output(path)
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
+    if args.multipliers is None:
+        tuned = circuit.meta.get("multiplier")
+        args.multipliers = [0.0, 0.5, 1.0, 2.0] if tuned is None else sorted({1.0, float(tuned)})
     import torch
 
     torch.manual_seed(args.seed)
@@ -465,6 +474,7 @@ def run_export(args) -> None:
     from .models import load_model
 
     circuit = Circuit.load(args.circuit)
+    args.multiplier = recorded_multiplier(args.multiplier, circuit, None)
     check_output_folder(args.out, args.force)  # before the model loads
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
@@ -525,11 +535,100 @@ def _demo_evaluation(args, model, tokenizer, circuit) -> None:
         print(f"wrote {args.plot}")
 
 
+def recorded_multiplier(given: float | None, circuit, fallback: float | None) -> float:
+    """The multiplier to steer with: the one given, else the one the circuit records (cna tune), else `fallback`."""
+    if given is not None:
+        return given
+    recorded = circuit.meta.get("multiplier")
+    if recorded is not None:
+        from .steering import as_multiplier
+
+        return as_multiplier(recorded)
+    if fallback is None:
+        raise CNAError("this circuit records no multiplier (it was not made by cna tune): give --multiplier")
+    return fallback
+
+
+def _add_tune_parser(commands) -> None:
+    from .attribution import SCORES
+    from .capture import POSITIONS
+
+    tune = commands.add_parser("tune", help="search circuit size x multiplier x score under a KL budget")
+    tune.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    tune.add_argument("--positive", help="discovery prompts that show the behavior (or --stats)")
+    tune.add_argument("--negative", help="discovery prompts that do not (or --stats)")
+    tune.add_argument("--stats", help="saved statistics (cna discover --save-stats) instead of discovering again")
+    tune.add_argument("--eval-prompts", required=True, help="held-out prompts whose answers show the behavior")
+    tune.add_argument("--behavior", default="refusal", help="what counts as the behavior in an answer: "
+                      "refusal, french, english, ... (a name in cna_fast.evaluate.BEHAVIORS)")
+    tune.add_argument("--goal", choices=("remove", "induce"), default="remove",
+                      help="remove the behavior (ablate: 0,0.5,-0.5,-1) or induce it (amplify: 1.5,2,3)")
+    tune.add_argument("--kl-budget", type=_finite, default=0.1, help="most KL on neutral text, nats (default 0.1)")
+    tune.add_argument("--quality-floor", type=_finite, default=0.9, help="least answer quality (default 0.9)")
+    tune.add_argument("--sizes", type=_finite_list, metavar="0.0003,0.001,50",
+                      help="circuit sizes: fractions of all neurons (< 1) or counts (default 0.03%% to 2%%)")
+    tune.add_argument("--multipliers", type=_finite_list, metavar="0,-0.5", help="default: by --goal")
+    tune.add_argument("--scores", default=",".join(SCORES), help="comma-separated: diff, t, d (default all)")
+    tune.add_argument("--neutral", help="neutral text file for KL, one text per line (default: bundled paragraphs)")
+    tune.add_argument("--iterative", type=int, default=0, metavar="ROUNDS",
+                      help="rounds of re-discovery with the chosen circuit applied (default 0)")
+    tune.add_argument("--max-new-tokens", type=int, default=40)
+    tune.add_argument("--rungs", type=int, default=2, help="successive-halving rungs (the last one is full)")
+    tune.add_argument("--position", choices=POSITIONS, default="last")
+    tune.add_argument("--exclude-layers", type=_layer_list, default=[], metavar="0,1")
+    tune.add_argument("--batch-size", type=int, default=32)
+    tune.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    tune.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    tune.add_argument("--out", required=True, help="the chosen circuit (.safetensors), its multiplier recorded")
+    tune.add_argument("--csv", help="every setting measured, as CSV")
+    tune.add_argument("--json", help="table, Pareto front, choice and answers as JSON")
+    tune.add_argument("--plot", help="PNG: behavior rate against KL, Pareto front and choice marked")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_tune(args) -> None:
+    from .models import load_model
+    from .prompts import read_prompts
+    from .stats import NeuronStats
+    from .tune import tune
+
+    if args.stats is None and (args.positive is None or args.negative is None):
+        raise CNAError("give --positive and --negative discovery prompts, or --stats from cna discover --save-stats")
+    for path in (args.out, args.csv, args.json, args.plot):
+        if path:
+            _check_output(path)
+    stats = NeuronStats.load(args.stats) if args.stats else None
+    positive = read_prompts(args.positive) if args.positive else None
+    negative = read_prompts(args.negative) if args.negative else None
+    neutral = read_prompts(args.neutral) if args.neutral else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    result = tune(model, tokenizer, positive, negative, read_prompts(args.eval_prompts), behavior=args.behavior,
+                  goal=args.goal, kl_budget=args.kl_budget, quality_floor=args.quality_floor, sizes=args.sizes,
+                  multipliers=args.multipliers, scores=[s.strip() for s in args.scores.split(",") if s.strip()],
+                  neutral=neutral, stats=stats, iterative=args.iterative, max_new_tokens=args.max_new_tokens,
+                  rungs=args.rungs, position=args.position, exclude_layers=args.exclude_layers,
+                  chat_template=False if args.no_chat_template else None, batch_size=args.batch_size,
+                  progress=not args.quiet)
+    print(result.summary())
+    circuit = result.require_circuit()
+    circuit.save(args.out)
+    print(f"wrote {args.out} (multiplier {result.multiplier:g} recorded)")
+    for path, writer in ((args.csv, result.to_csv), (args.json, result.to_json)):
+        if path:
+            writer(path)
+            print(f"wrote {path}")
+    if args.plot:
+        from .plotting import plot_tune
+
+        plot_tune(result, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cna`; returns the exit code."""
     args = _parser().parse_args(argv)
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
-                "export": run_export, "eval": run_eval, "demo": run_demo}
+                "export": run_export, "eval": run_eval, "demo": run_demo, "tune": run_tune}
     try:
         handlers[args.command](args)
     except CNAError as error:
