@@ -267,3 +267,70 @@ def test_nothing_within_budget(planted, plain_tokenizer):
     with pytest.raises(CNAError, match="raise the budget"):
         result.require_circuit()
     assert torch.isfinite(torch.tensor(result.baseline.behavior_rate))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def run_cli(*args) -> int:
+    from cna_fast.cli import main
+
+    try:
+        return main([str(arg) for arg in args])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_cli_discover_saves_stats_and_tune_uses_them(model_dir, prompt_files, tmp_path, capsys):
+    positive, negative = prompt_files
+    stats_path, circuit_path = tmp_path / "stats.safetensors", tmp_path / "c.safetensors"
+    assert run_cli("discover", "--positive", positive, "--negative", negative, "--model", model_dir, "--out",
+                   circuit_path, "--save-stats", stats_path, "--quiet") == 0
+    stats = NeuronStats.load(stats_path)
+    assert stats.count.tolist() == [4.0, 4.0] and stats.meta["fingerprint"]["d_ff"] == 96
+    assert neuron_set(attribute(stats)) == neuron_set(Circuit.load(circuit_path))  # the same statistics
+    eval_prompts = tmp_path / "eval.txt"
+    eval_prompts.write_text("the zebra runs\nzebra stripes\n")
+    out, as_csv, as_json, plot = (tmp_path / name for name in ("t.safetensors", "t.csv", "t.json", "t.png"))
+    assert run_cli("tune", "--model", model_dir, "--stats", stats_path, "--eval-prompts", eval_prompts,
+                   "--behavior", "english", "--sizes", "2,8", "--scores", "diff", "--max-new-tokens", "4",
+                   "--kl-budget", "5", "--out", out, "--csv", as_csv, "--json", as_json, "--plot", plot,
+                   "--quiet") == 0
+    tuned = Circuit.load(out)
+    document = json.loads(as_json.read_text())
+    assert tuned.meta["multiplier"] == document["chosen"]["multiplier"]
+    assert len(tuned) == document["chosen"]["size"] and tuned.caa_directions is not None
+    assert len(as_csv.read_text().splitlines()) == 2 + 2 * 4  # header, baseline, 2 sizes x 4 multipliers
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "chosen:" in capsys.readouterr().out
+
+
+def test_cli_uses_the_recorded_multiplier(model_dir, prompt_files, tmp_path, capsys):
+    positive, negative = prompt_files
+    circuit_path = tmp_path / "c.safetensors"
+    assert run_cli("discover", "--positive", positive, "--negative", negative, "--model", model_dir, "--out",
+                   circuit_path, "--top-k", "5", "--quiet") == 0
+    assert run_cli("export", "--circuit", circuit_path, "--format", "lora", "--out", tmp_path / "e1",
+                   "--model", model_dir) == 2  # no multiplier given and none recorded
+    assert "give --multiplier" in capsys.readouterr().err
+    circuit = Circuit.load(circuit_path)
+    circuit.meta["multiplier"] = -0.5
+    circuit.save(circuit_path)
+    assert run_cli("generate", "--circuit", circuit_path, "--model", model_dir, "--prompt", "the zebra",
+                   "--compare", "--max-new-tokens", "3", "--quiet") == 0
+    assert "steered (x-0.5)" in capsys.readouterr().out
+    assert run_cli("generate", "--circuit", circuit_path, "--model", model_dir, "--prompt", "the zebra",
+                   "--compare", "--max-new-tokens", "3", "--multiplier", "2", "--quiet") == 0
+    assert "steered (x2)" in capsys.readouterr().out
+    assert run_cli("export", "--circuit", circuit_path, "--format", "lora", "--out", tmp_path / "e2",
+                   "--model", model_dir) == 0
+    assert "at multiplier -0.5" in capsys.readouterr().out
+
+
+def test_cli_tune_needs_prompts_or_stats(model_dir, tmp_path, capsys):
+    eval_prompts = tmp_path / "eval.txt"
+    eval_prompts.write_text("the zebra runs\n")
+    assert run_cli("tune", "--model", model_dir, "--eval-prompts", eval_prompts, "--out", tmp_path / "t.safetensors",
+                   "--quiet") == 2
+    assert "--stats" in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors").exists()
