@@ -139,7 +139,7 @@ def plot_tune(result, path: str | os.PathLike) -> None:
     budget and the chosen setting marked (a `cna_fast.tune_result.TuneResult`)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    rows = [row for row in result.table if row["behavior_rate"] is not None]
+    rows = [row for row in result.table if row["behavior_rate"] is not None and row["kl"] is not None]
     colours = {"diff": "#4c72b0", "t": "#dd8452", "d": "#55a868"}
     for score, colour in colours.items():
         for final, marker, alpha in ((False, "x", 0.35), (True, "o", 0.9)):
@@ -147,7 +147,7 @@ def plot_tune(result, path: str | os.PathLike) -> None:
             if chosen:
                 axis.scatter([row["kl"] for row in chosen], [row["behavior_rate"] for row in chosen], marker=marker,
                              color=colour, alpha=alpha, label=f"{score}, {'full' if final else 'screened'}")
-    front = result.pareto
+    front = [row for row in result.pareto if row["kl"] is not None]
     axis.plot([row["kl"] for row in front], [row["behavior_rate"] for row in front], "-", color="#c44e52",
               drawstyle="steps-post", label="Pareto front")
     baseline = result.baseline

@@ -205,8 +205,8 @@ class _Search:
         shells, table = candidate_rows(candidates)
         values = batched_kl(self.model, self.tokenizer, shells, table, self.neutral, progress=self.progress)
         for candidate, value in zip(candidates, values.tolist()):
-            candidate.kl = value
-            if value > self.kl_budget:
+            candidate.kl = value if math.isfinite(value) else math.inf
+            if not candidate.kl <= self.kl_budget:
                 candidate.stage = "pruned by KL"
 
     def judge_rows(self, candidates: list[Candidate], n_prompts: int, tokens: int, stage: str) -> None:

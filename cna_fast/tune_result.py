@@ -42,10 +42,16 @@ class Candidate:
     outputs: list[str] = field(default_factory=list, repr=False)
 
     def row(self, total_neurons: int) -> dict:
+        """The table row; a non-finite KL (a setting that breaks the model) is written as None."""
+        kl = self.kl if self.kl is not None and math.isfinite(self.kl) else None
         return {"round": self.round, "score": self.score or "baseline", "size": self.size,
                 "fraction": self.size / total_neurons, "multiplier": self.multiplier,
-                "behavior_rate": self.behavior_rate, "kl": self.kl, "quality": self.quality, "prompts": self.prompts,
+                "behavior_rate": self.behavior_rate, "kl": kl, "quality": self.quality, "prompts": self.prompts,
                 "new_tokens": self.new_tokens, "tokens_spent": self.tokens_spent, "stage": self.stage}
+
+
+def _number(value: float | None, width: int, digits: int) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'inf':>{width}}"
 
 
 def better_key(goal: str) -> Callable[[Candidate], tuple]:
@@ -132,7 +138,7 @@ class TuneResult:
             if row["stage"] in ("baseline",) or row["stage"].endswith("final"):
                 mark = " <- chosen" if row["chosen"] else (" (pareto)" if row["pareto"] else "")
                 lines.append(f"{row['round']:>5} {row['score']:>8} {row['size']:>6} {100 * row['fraction']:>6.3f} "
-                             f"{row['multiplier']:>5g} {row['behavior_rate']:>8.3f} {row['kl']:>7.4f} "
+                             f"{row['multiplier']:>5g} {row['behavior_rate']:>8.3f} {_number(row['kl'], 7, 4)} "
                              f"{row['quality']:>7.3f}  {row['stage']}{mark}")
         pruned = sum(candidate.stage == "pruned by KL" for candidate in self.candidates)
         lines.append(f"{len(self.candidates)} settings: {pruned} over the KL budget of {self.kl_budget:g} nats, "
