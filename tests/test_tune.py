@@ -303,6 +303,11 @@ def test_cli_discover_saves_stats_and_tune_uses_them(model_dir, prompt_files, tm
     assert len(as_csv.read_text().splitlines()) == 2 + 2 * 4  # header, baseline, 2 sizes x 4 multipliers
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "chosen:" in capsys.readouterr().out
+    evaluation = tmp_path / "eval.json"  # cna eval without --multipliers: 1 and the tuned multiplier
+    assert run_cli("eval", "--circuit", out, "--prompts", eval_prompts, "--model", model_dir, "--behavior",
+                   "english", "--baseline", "none", "--max-new-tokens", "3", "--json", evaluation, "--quiet") == 0
+    strengths = {row["strength"] for row in json.loads(evaluation.read_text())["metrics"]}
+    assert strengths == {1.0, tuned.meta["multiplier"]}
 
 
 def test_cli_uses_the_recorded_multiplier(model_dir, prompt_files, tmp_path, capsys):
