@@ -191,6 +191,7 @@ class _Search:
     judge: Callable[[str], bool | float]
     goal: str
     kl_budget: float
+    quality_floor: float
     neutral: list[str]
     max_new_tokens: int
     rungs: list[tuple[int, int]]
@@ -239,7 +240,8 @@ class _Search:
                 for candidate in alive:
                     candidate.final = True
             else:
-                alive.sort(key=better_key(self.goal))
+                ranked = better_key(self.goal)  # settings under the quality floor go last
+                alive.sort(key=lambda candidate: (candidate.quality < self.quality_floor, *ranked(candidate)))
                 alive = alive[:max(min(4, len(alive)), math.ceil(len(alive) / self.eta))]
         self.baseline.final = True
         self.baseline.stage = "baseline"
@@ -259,13 +261,20 @@ def halving_rungs(n_prompts: int, max_new_tokens: int, rungs: int, eta: int) -> 
 
 def _grid(stats: NeuronStats, scores: Sequence[str], sizes: list[int], multipliers: list[float],
           exclude_layers: list[int], total_neurons: int, meta: dict) -> list[Candidate]:
-    """One candidate per (score, size, multiplier): the circuits of a score are prefixes of its ranking."""
-    candidates = []
+    """One candidate per (score, size, multiplier): the circuits of a score are prefixes of its ranking.
+
+    A circuit that an earlier score already gave (t and d rank alike when both prompt sets have the
+    same size) is measured once, under the earlier score.
+    """
+    candidates, seen = [], set()
     for score in scores:
         for size in sizes:
             circuit = attribute(stats, top_k=size, score=score, exclude_layers=exclude_layers,
                                 total_neurons=total_neurons, meta=meta)
-            candidates += [Candidate(score, size, multiplier, circuit) for multiplier in multipliers]
+            members = frozenset(zip(circuit.layers.tolist(), circuit.neurons.tolist()))
+            if members not in seen:
+                seen.add(members)
+                candidates += [Candidate(score, size, multiplier, circuit) for multiplier in multipliers]
     return candidates
 
 
@@ -408,7 +417,7 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
     eligible = stats.width * sum(layer not in excluded for layer in stats.layers)
     size_list = size_grid(adapter.num_neurons, eligible, sizes)
     multiplier_list = multiplier_grid(goal, multipliers)
-    search = _Search(model, tokenizer, eval_prompts, judge, goal, float(kl_budget),
+    search = _Search(model, tokenizer, eval_prompts, judge, goal, float(kl_budget), float(quality_floor),
                      list(neutral) if neutral is not None else evaluate.bundled_neutral_texts(), max_new_tokens,
                      halving_rungs(len(eval_prompts), max_new_tokens, rungs, eta), eta, batch_size, chat_template,
                      progress)

@@ -150,6 +150,17 @@ def test_result_table_pareto_and_files(planted, plain_tokenizer, tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_scores_that_rank_alike_are_measured_once(planted, plain_tokenizer):
+    """20 + 20 discovery prompts: Welch t and Cohen's d are proportional, so d adds no setting."""
+    model, stats = planted
+    result = tune(model, plain_tokenizer, stats=stats, eval_prompts=EVAL, sizes=[2, 8], scores=["t", "d"],
+                  multipliers=[0.0], **SEARCH)
+    assert [(c.score, c.size) for c in result.candidates] == [("t", 2), ("t", 8)]
+    both = tune(model, plain_tokenizer, stats=stats, eval_prompts=EVAL, sizes=[2, 8], scores=["diff", "t"],
+                multipliers=[0.0], **SEARCH)
+    assert [(c.score, c.size) for c in both.candidates] == [("diff", 2), ("diff", 8), ("t", 2), ("t", 8)]
+
+
 def test_induce_amplifies(planted, plain_tokenizer):
     """goal="induce" searches amplifications and maximizes the rate: on negative prompts A alone never fires."""
     model, stats = planted
