@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-import torch
 
 from cna_fast.circuit import Circuit
 from cna_fast.cli import main
@@ -15,16 +13,15 @@ from cna_fast.prompts import bundled_prompts
 
 @pytest.mark.slow
 def test_cna_tune_french_writes_circuit_table_and_plot(tmp_path, capsys):
-    torch.set_num_threads(os.cpu_count() or 1)  # the autouse fixture restores the thread count afterwards
-    files = {"pos": bundled_prompts("french_questions")[:32], "neg": bundled_prompts("english_questions")[:32],
-             "eval": bundled_prompts("french_heldout")[:8], "neutral": bundled_neutral_texts()[:4]}
+    files = {"pos": bundled_prompts("french_questions")[:24], "neg": bundled_prompts("english_questions")[:24],
+             "eval": bundled_prompts("french_heldout")[:6], "neutral": bundled_neutral_texts()[:2]}
     for name, lines in files.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
     out, as_csv, as_json, plot = (tmp_path / name for name in ("t.safetensors", "t.csv", "t.json", "t.png"))
     code = main([str(arg) for arg in (
         "tune", "--positive", tmp_path / "pos.txt", "--negative", tmp_path / "neg.txt", "--eval-prompts",
         tmp_path / "eval.txt", "--neutral", tmp_path / "neutral.txt", "--behavior", "french", "--kl-budget", "0.5",
-        "--sizes", "0.0005,0.001,0.003", "--multipliers", "0,0.5", "--scores", "diff", "--max-new-tokens", "16",
+        "--sizes", "0.0005,0.001,0.003", "--multipliers", "0,0.5", "--scores", "diff", "--max-new-tokens", "12",
         "--out", out, "--csv", as_csv, "--json", as_json, "--plot", plot, "--quiet")])
     assert code == 0
     document = json.loads(as_json.read_text())
