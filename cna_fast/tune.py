@@ -406,11 +406,7 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
     excluded = validate_layers(exclude_layers, adapter.num_layers)
     capture = {"layers": [layer for layer in range(adapter.num_layers) if layer not in excluded], "position": position,
                "chat_template": chat_template, "batch_size": batch_size, "progress": progress}
-    needs_prompts = stats is None or iterative > 0
-    if needs_prompts and (positive is None or negative is None):
-        raise CNAError("tune needs positive and negative discovery prompts (or saved statistics, and no iterative "
-                       "rounds)")
-    positive, negative = (list(positive), list(negative)) if needs_prompts else (None, None)
+    positive, negative = _discovery_prompts(positive, negative, stats is None or iterative > 0)
     if stats is None:
         stats = capture_contrast(model, tokenizer, positive, negative, **capture)
     _check_stats(stats, model)
@@ -445,6 +441,16 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
                         full_grid_tokens=(len(candidates) + 1) * len(eval_prompts) * max_new_tokens)
     result.circuit = _chosen_circuit(model, chosen, stats, result.summary_meta())
     return result
+
+
+def _discovery_prompts(positive, negative, needed: bool) -> tuple[list[str] | None, list[str] | None]:
+    """The discovery prompts as lists when a capture will run (no saved statistics, or iterative rounds)."""
+    if not needed:
+        return None, None
+    if positive is None or negative is None:
+        raise CNAError("tune needs positive and negative discovery prompts (or saved statistics, and no iterative "
+                       "rounds)")
+    return list(positive), list(negative)
 
 
 def _name(behavior: str | Callable) -> str:
