@@ -16,6 +16,7 @@ from .pipeline import UniversalFilter, discover
 from .steering import Steering, caa, generate, steer
 from .export import export_folded, export_lora
 from .gguf_export import export_gguf
+from .tune import tune
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,5 @@ __all__ = [
     "score_neurons",
     "select_neurons",
     "steer",
+    "tune",
 ]

@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                                "window, i.e. every max(N, 32 x batch size) prompts")
     discover.add_argument("--checkpoint", help="checkpoint file (default: OUT.checkpoint)")
     discover.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    discover.add_argument("--save-stats", metavar="PATH",
+                          help="also write the contrast statistics (.safetensors) for `cna tune --stats`")
     _add_discovery_options(discover)
 
     inspect = commands.add_parser("inspect", help="summarize a circuit file")
@@ -128,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate with a circuit's neurons scaled")
     generate.add_argument("--circuit", required=True)
-    generate.add_argument("--multiplier", type=_finite, default=0.0, help="0 ablates, 1 is the identity, 2 doubles")
+    generate.add_argument("--multiplier", type=_finite,
+                          help="0 ablates, 1 is the identity, 2 doubles (default: the circuit's tuned one, else 0)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv)")
@@ -146,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
     export.add_argument("--circuit", required=True)
-    export.add_argument("--multiplier", type=_finite, required=True)
+    export.add_argument("--multiplier", type=_finite, help="default: the multiplier the circuit records (cna tune)")
     export.add_argument("--format", choices=("folded", "lora", "gguf"), required=True,
                         help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), or GGUF (llama.cpp, "
                              "Ollama; the model must be loaded from a .gguf file)")
@@ -166,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
     evaluate.add_argument("--prompts", required=True, help="prompts whose answers show the behavior")
-    evaluate.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
+    evaluate.add_argument("--multipliers", type=_finite_list, metavar="0,0.5,1,2",
+                          help="strengths (default: 1 and the circuit's tuned multiplier, else 0,0.5,1,2)")
     evaluate.add_argument("--baseline", default="caa,random", help="comma-separated: caa, random (or 'none')")
     evaluate.add_argument("--no-capability", action="store_true",
                           help="skip the KL, perplexity and multiple-choice pass (one forward pass per setting)")
@@ -186,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", help="with --evaluate: PNG of French-answer rate, quality and KL against strength")
     demo.add_argument("--csv", help="with --evaluate: the metrics as CSV")
     _add_discovery_options(demo)
+    _add_tune_parser(commands)
     return parser
 
 
@@ -219,7 +224,8 @@ def _discover(args, model_name: str | None, positive: list[str], negative: list[
     started = time.perf_counter()
     circuit = discover(model, tokenizer, positive, negative, settings, top_k=args.top_k, top_frac=args.top_frac,
                        score=args.score, exclude_layers=args.exclude_layers, universal_filter=args.universal_filter,
-                       progress=verbose and not args.quiet, distributed=distributed, **_checkpoint_options(args))
+                       progress=verbose and not args.quiet, distributed=distributed,
+                       save_stats=getattr(args, "save_stats", None), **_checkpoint_options(args))
     elapsed = time.perf_counter() - started
     if verbose:
         total = circuit.meta["n_positive"] + circuit.meta["n_negative"]
@@ -403,6 +409,7 @@ def run_generate(args) -> None:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     settings = _generation_settings(args)
     circuit, model, tokenizer = _load_with_circuit(args)
+    args.multiplier = recorded_multiplier(args.multiplier, circuit, 0.0)
     torch.manual_seed(args.seed)
     if args.compare:
         baseline, steered = _generate_pairs(model, tokenizer, circuit, prompts, args.multiplier, settings)
@@ -511,6 +518,9 @@ def run_eval(args) -> None:
     _check_judge_inputs(args)
     circuit, model, tokenizer = _load_with_circuit(args)
     behavior = _behavior_judge(args)
+    if args.multipliers is None:
+        tuned = circuit.meta.get("multiplier")
+        args.multipliers = [0.0, 0.5, 1.0, 2.0] if tuned is None else sorted({1.0, float(tuned)})
     import torch
 
     torch.manual_seed(args.seed)
@@ -547,6 +557,7 @@ def run_export(args) -> None:
 
     circuit = Circuit.load(args.circuit)
     _check_circuit_model(circuit, args.circuit, args.model)
+    args.multiplier = recorded_multiplier(args.multiplier, circuit, None)
     from .models.fused import check_backend_setting
 
     check_backend_setting()
@@ -626,11 +637,98 @@ def _demo_evaluation(args, model, tokenizer, circuit) -> None:
         print(f"wrote {args.plot}")
 
 
+def recorded_multiplier(given: float | None, circuit, fallback: float | None) -> float:
+    """The multiplier to steer with: the one given, else the one the circuit records (cna tune), else `fallback`."""
+    if given is not None:
+        return given
+    recorded = circuit.meta.get("multiplier")
+    if recorded is not None:
+        from .steering import as_multiplier
+
+        return as_multiplier(recorded)
+    if fallback is None:
+        raise CNAError("this circuit records no multiplier (it was not made by cna tune): give --multiplier")
+    return fallback
+
+
+def _add_tune_parser(commands) -> None:
+    from .attribution import SCORES
+    from .settings import DEFAULT_BATCH_SIZE, REDUCTIONS
+
+    tune = commands.add_parser("tune", help="search circuit size x multiplier x score under a KL budget")
+    tune.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    tune.add_argument("--positive", help="discovery prompts that show the behavior (or --stats)")
+    tune.add_argument("--negative", help="discovery prompts that do not (or --stats)")
+    tune.add_argument("--stats", help="saved statistics (cna discover --save-stats) instead of discovering again")
+    tune.add_argument("--eval-prompts", required=True, help="held-out prompts whose answers show the behavior")
+    tune.add_argument("--behavior", default="refusal", help="what counts as the behavior in an answer: "
+                      "refusal, french, english, ... (a name in cna_fast.evaluate.BEHAVIORS)")
+    tune.add_argument("--goal", choices=("remove", "induce"), default="remove",
+                      help="remove the behavior (ablate: 0,0.5,-0.5,-1) or induce it (amplify: 1.5,2,3)")
+    tune.add_argument("--kl-budget", type=_finite, default=0.1, help="most KL on neutral text, nats (default 0.1)")
+    tune.add_argument("--quality-floor", type=_finite, default=0.9, help="least answer quality (default 0.9)")
+    tune.add_argument("--sizes", type=_finite_list, metavar="0.0003,0.001,50",
+                      help="circuit sizes: fractions of all neurons (< 1) or counts (default 0.03%% to 2%%)")
+    tune.add_argument("--multipliers", type=_finite_list, metavar="0,-0.5", help="default: by --goal")
+    tune.add_argument("--scores", default=",".join(SCORES), help="comma-separated: diff, t, d (default all)")
+    tune.add_argument("--neutral", help="neutral text file for KL, one text per line (default: bundled paragraphs)")
+    tune.add_argument("--iterative", type=int, default=0, metavar="ROUNDS",
+                      help="rounds of re-discovery with the chosen circuit applied (default 0)")
+    tune.add_argument("--max-new-tokens", type=int, default=40)
+    tune.add_argument("--rungs", type=int, default=2, help="successive-halving rungs (the last one is full)")
+    tune.add_argument("--reduction", "--position", dest="reduction", choices=REDUCTIONS, default="last",
+                      help="how a prompt's tokens become samples (see cna discover)")
+    tune.add_argument("--exclude-layers", type=_layer_list, default=[], metavar="0,1")
+    tune.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    tune.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    tune.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    tune.add_argument("--out", required=True, help="the chosen circuit (.safetensors), its multiplier recorded")
+    tune.add_argument("--csv", help="every setting measured, as CSV")
+    tune.add_argument("--json", help="table, Pareto front, choice and answers as JSON")
+    tune.add_argument("--plot", help="PNG: behavior rate against KL, Pareto front and choice marked")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_tune(args) -> None:
+    from .models import load_model
+    from .prompts import read_prompts
+    from .stats import NeuronStats
+    from .tune import tune
+
+    if args.stats is None and (args.positive is None or args.negative is None):
+        raise CNAError("give --positive and --negative discovery prompts, or --stats from cna discover --save-stats")
+    stats = NeuronStats.load(args.stats) if args.stats else None
+    positive = read_prompts(args.positive) if args.positive else None
+    negative = read_prompts(args.negative) if args.negative else None
+    neutral = read_prompts(args.neutral) if args.neutral else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    result = tune(model, tokenizer, positive, negative, read_prompts(args.eval_prompts), behavior=args.behavior,
+                  goal=args.goal, kl_budget=args.kl_budget, quality_floor=args.quality_floor, sizes=args.sizes,
+                  multipliers=args.multipliers, scores=[s.strip() for s in args.scores.split(",") if s.strip()],
+                  neutral=neutral, stats=stats, iterative=args.iterative, max_new_tokens=args.max_new_tokens,
+                  rungs=args.rungs, position=args.reduction, exclude_layers=args.exclude_layers,
+                  chat_template=False if args.no_chat_template else None, batch_size=args.batch_size,
+                  progress=not args.quiet)
+    print(result.summary())
+    circuit = result.require_circuit()
+    circuit.save(args.out)
+    print(f"wrote {args.out} (multiplier {result.multiplier:g} recorded)")
+    for path, writer in ((args.csv, result.to_csv), (args.json, result.to_json)):
+        if path:
+            writer(path)
+            print(f"wrote {path}")
+    if args.plot:
+        from .plotting import plot_tune
+
+        plot_tune(result, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `cna`; returns the exit code: 0 done, 2 bad input or environment, 1 a bug, 130 Ctrl-C."""
     args = _parser().parse_args(argv)
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
-                "export": run_export, "eval": run_eval, "demo": run_demo}
+                "export": run_export, "eval": run_eval, "demo": run_demo, "tune": run_tune}
     code, message = 0, None
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning

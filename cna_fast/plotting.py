@@ -132,3 +132,38 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head>
 {''.join(examples)}</table></body></html>
 """
     write_text_atomic(path, page)
+
+
+def plot_tune(result, path: str | os.PathLike) -> None:
+    """Behavior rate against KL for every setting `cna tune` measured: the Pareto front, the KL
+    budget and the chosen setting marked (a `cna_fast.tune_result.TuneResult`)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    rows = [row for row in result.table if row["behavior_rate"] is not None and row["kl"] is not None]
+    colours = {"diff": "#4c72b0", "t": "#dd8452", "d": "#55a868"}
+    for score, colour in colours.items():
+        for final, marker, alpha in ((False, "x", 0.35), (True, "o", 0.9)):
+            chosen = [row for row in rows if row["score"] == score and row["stage"].endswith("final") == final]
+            if chosen:
+                axis.scatter([row["kl"] for row in chosen], [row["behavior_rate"] for row in chosen], marker=marker,
+                             color=colour, alpha=alpha, label=f"{score}, {'full' if final else 'screened'}")
+    front = [row for row in result.pareto if row["kl"] is not None]
+    axis.plot([row["kl"] for row in front], [row["behavior_rate"] for row in front], "-", color="#c44e52",
+              drawstyle="steps-post", label="Pareto front")
+    baseline = result.baseline
+    axis.scatter([0.0], [baseline.behavior_rate], marker="s", color="black", label="unsteered", zorder=3)
+    axis.axvline(result.kl_budget, color="grey", linestyle="--", label=f"KL budget {result.kl_budget:g}")
+    if result.chosen is not None:
+        chosen = result.chosen
+        axis.scatter([chosen.kl], [chosen.behavior_rate], marker="*", s=260, color="#c44e52", edgecolor="black",
+                     zorder=4, label=f"chosen: {chosen.score} top {chosen.size}, x{chosen.multiplier:g}")
+    axis.set_xscale("symlog", linthresh=1e-3)
+    axis.set_xlabel("KL on neutral text (nats)")
+    axis.set_ylabel(f"{result.behavior} rate")
+    axis.set_ylim(-0.05, 1.05)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title(f"circuit search ({result.goal} {result.behavior}): {result.tokens_spent:,} tokens generated, "
+                   f"{result.tokens_spent / result.full_grid_tokens:.0%} of the full grid")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
