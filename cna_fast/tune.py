@@ -217,7 +217,7 @@ class _Search:
         """Generate for every candidate on the first `n_prompts` eval prompts, as rows of one batched run."""
         prompts = self.eval_prompts[:n_prompts]
         shells, table = candidate_rows(candidates)
-        steering = {"circuit": shells, "multipliers": table.repeat_interleave(n_prompts, 0)} if shells else {}
+        steering = {"circuits": shells, "multipliers": table.repeat_interleave(n_prompts, 0)} if shells else {}
         texts = generate(self.model, self.tokenizer, prompts * len(candidates), max_new_tokens=tokens,
                          batch_size=self.batch_size, chat_template=self.chat_template, progress=self.progress,
                          **steering)
