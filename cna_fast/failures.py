@@ -87,7 +87,8 @@ def _checkpoint(args) -> str | None:
 
 
 # Per command: its output options and its input options (argparse destinations, shown as flags).
-_OUTPUTS = {"discover": ("out", "json", "csv", "save_stats"), "tune": ("out", "csv", "json", "plot"), "inspect": ("plot",), "sweep": ("out", "plot"),
+_OUTPUTS = {"discover": ("out", "json", "csv", "save_stats"), "tune": ("out", "csv", "json", "plot"),
+            "inspect": ("plot",), "sweep": ("out", "plot"),
             "eval": ("csv", "json", "plot", "html"), "demo": ("out", "plot", "csv")}
 _INPUTS = {"discover": ("positive", "negative"), "inspect": ("circuit",), "generate": ("circuit", "prompts"),
            "sweep": ("circuit", "prompts"), "export": ("circuit",), "eval": ("circuit", "prompts", "judge_labels"),

@@ -68,7 +68,8 @@ _METHOD_STYLE = {"cna": ("o-", "#c44e52", "CNA (circuit)"), "caa": ("s--", "#4c7
 def _evaluation_figure(result, circuit: Circuit, behavior: str):
     plt = _pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
-    panels = ((axes[0][0], "behavior_rate", f"{behavior} rate"), (axes[0][1], "quality", "quality (1 - repeated 4-grams)"),
+    panels = ((axes[0][0], "behavior_rate", f"{behavior} rate"),
+              (axes[0][1], "quality", "quality (1 - repeated 4-grams)"),
               (axes[1][0], "kl", "next-token KL vs unsteered (nats)"))
     for axis, key, label in panels:
         for method in dict.fromkeys(row["method"] for row in result.metrics):
@@ -110,8 +111,11 @@ def write_html_report(result, circuit: Circuit, path: str | os.PathLike, behavio
     plt.close(figure)
     image = base64.b64encode(buffer.getvalue()).decode()
     columns = ["method", "strength", "behavior_rate", "quality", "answer_ppl", "kl", "perplexity", "mc_accuracy"]
-    table = "".join("<tr>" + "".join(f"<td>{html.escape(f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]))}</td>"
-                                     for c in columns) + "</tr>" for row in result.metrics)
+
+    def cell(value) -> str:
+        return f"<td>{html.escape(f'{value:.4g}' if isinstance(value, float) else str(value))}</td>"
+
+    table = "".join("<tr>" + "".join(cell(row[c]) for c in columns) + "</tr>" for row in result.metrics)
     shown: dict[tuple, int] = {}
     examples = []
     for item in result.generations:

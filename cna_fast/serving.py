@@ -214,7 +214,8 @@ def lora_serving_note(model, adapter_dir: str | os.PathLike) -> str:
         return (f"vLLM does not implement LoRA for {architecture}: PEFT loads this adapter; for vLLM serve the "
                 "folded export (cna export --format folded)")
     if serve_rank(rank) is None:
-        return f"rank {rank} is above vLLM's maximum {VLLM_MAX_RANK}: PEFT loads this adapter; for vLLM use --format folded"
+        return (f"rank {rank} is above vLLM's maximum {VLLM_MAX_RANK}: PEFT loads this adapter; for vLLM use "
+                "--format folded")
     note = vllm_serving_instructions(adapter_dir, _base_model_for_vllm(model), rank)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         note += ("\nThe adapter was computed from the bitsandbytes-quantized weights: serve the same base with "

@@ -45,7 +45,8 @@ class NeuronStats:
         meta: dict[str, Any] | None = None,
     ) -> None:
         if n_groups < 1 or width < 1 or len(layers) < 1:
-            raise CNAError(f"statistics need at least one layer, group and neuron; got {len(layers)}, {n_groups}, {width}")
+            raise CNAError(f"statistics need at least one layer, group and neuron; got {len(layers)}, {n_groups}, "
+                           f"{width}")
         self.layers = [int(layer) for layer in layers]
         self.width = int(width)
         self.n_groups = int(n_groups)

@@ -195,7 +195,7 @@ def test_fingerprint_lists_widths_when_layers_differ(vocab_size: int) -> None:
     assert adapter.num_neurons == 3 * D_FF + 48
     assert adapter.architecture()["d_ff"] == [D_FF, D_FF, 48, D_FF]
     with pytest.raises(UnsupportedArchitectureError, match="different MLP widths"):
-        adapter.d_ff
+        _ = adapter.d_ff
 
 
 def _tiny_bloom() -> nn.Module:

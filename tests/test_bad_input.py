@@ -459,7 +459,8 @@ def test_a_bug_exits_1_with_a_hint_to_report_it(work, monkeypatch, capsys):
 
 # 7. Prompt files; leftovers of killed runs ----------------------------------------------------------
 
-@pytest.mark.parametrize("suffix, body", [(".txt", "zebra\nfox\n"), (".jsonl", '{"prompt": "zebra"}\n{"text": "fox"}\n'),
+@pytest.mark.parametrize("suffix, body", [(".txt", "zebra\nfox\n"),
+                                          (".jsonl", '{"prompt": "zebra"}\n{"text": "fox"}\n'),
                                           (".csv", "prompt\nzebra\nfox\n")])
 def test_utf8_bom_is_stripped(tmp_path, suffix, body):
     path = tmp_path / f"prompts{suffix}"

@@ -62,9 +62,11 @@ NEUTRAL = ["the quick brown fox jumps over the lazy dog", "how do i bake bread a
 
 def test_kl_is_zero_at_multiplier_one_and_positive_when_steered(tiny_llama, tokenizer, circuit):
     base = capability_metrics(tiny_llama, tokenizer, NEUTRAL)
-    same = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"], lambda: steer(tiny_llama, circuit, 1.0))
+    same = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"],
+                              lambda: steer(tiny_llama, circuit, 1.0))
     assert same["kl"] == 0.0 and same["perplexity"] == base["perplexity"]
-    moved = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"], lambda: steer(tiny_llama, circuit, 4.0))
+    moved = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"],
+                               lambda: steer(tiny_llama, circuit, 4.0))
     assert moved["kl"] > 1e-6
 
 
@@ -84,7 +86,8 @@ def test_caa_alpha_zero_is_identity_and_direction_is_the_mlp_output_difference(t
             assert torch.equal(tiny_llama(**ids).logits, before)
     # Independent truth: mean MLP output at the last token, positive minus negative, from forward hooks.
     outputs: dict[int, list[torch.Tensor]] = {}
-    handles = [layer.mlp.register_forward_hook(lambda module, args, out, i=i: outputs.setdefault(i, []).append(out[0, -1]))
+    handles = [layer.mlp.register_forward_hook(
+                   lambda module, args, out, i=i: outputs.setdefault(i, []).append(out[0, -1]))
                for i, layer in enumerate(tiny_llama.model.layers)]
     try:
         means = []
@@ -107,7 +110,8 @@ def test_caa_adds_alpha_times_direction_to_the_mlp_output(tiny_llama, tokenizer,
     ids = tokenizer(["zebra stripes"], return_tensors="pt")
     captured = {}
     # Layer 0: its MLP input does not depend on any steered layer, so the output moves by exactly the shift.
-    handle = tiny_llama.model.layers[0].mlp.register_forward_hook(lambda m, a, out: captured.setdefault("x", out.clone()))
+    handle = tiny_llama.model.layers[0].mlp.register_forward_hook(
+        lambda m, a, out: captured.setdefault("x", out.clone()))
     try:
         with torch.no_grad():
             tiny_llama(**ids)

@@ -425,9 +425,9 @@ def test_non_finite_multipliers_raise() -> None:
     model = new_model("llama")
     a, b = default_circuit(model), make_circuit(model, [2], [4])
     for bad in (float("nan"), float("inf"), -float("inf")):
-        expect_error(model, lambda: steer(model, a, bad))
-        expect_error(model, lambda: steer(model, [a, b], multipliers=[1.0, bad]))
-        expect_error(model, lambda: steer(model, [a, b], multipliers=torch.tensor([[1.0, 1.0], [bad, 0.0]])))
+        expect_error(model, lambda bad=bad: steer(model, a, bad))
+        expect_error(model, lambda bad=bad: steer(model, [a, b], multipliers=[1.0, bad]))
+        expect_error(model, lambda bad=bad: steer(model, [a, b], multipliers=torch.tensor([[1.0, 1.0], [bad, 0.0]])))
 
 
 def test_multipliers_of_wrong_shape_raise() -> None:
@@ -435,7 +435,7 @@ def test_multipliers_of_wrong_shape_raise() -> None:
     a, b = default_circuit(model), make_circuit(model, [2], [4])
     for shape_bad in ([1.0, 2.0, 3.0], [1.0], torch.ones(2, 3), torch.ones(3, 1), torch.ones(2, 2, 2),
                       torch.ones(0, 2), torch.tensor(1.0)):
-        expect_error(model, lambda: steer(model, [a, b], multipliers=shape_bad))
+        expect_error(model, lambda shape_bad=shape_bad: steer(model, [a, b], multipliers=shape_bad))
 
 
 def test_per_row_rows_must_match_batch_at_forward_time() -> None:

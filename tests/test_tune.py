@@ -32,7 +32,8 @@ from tests.planted_templates import (
 )
 from tests.tiny import build_tiny_model
 
-SEARCH = {"behavior": shows_template, "neutral": NEUTRAL, "max_new_tokens": 4, "chat_template": False, "progress": False}
+SEARCH = {"behavior": shows_template, "neutral": NEUTRAL, "max_new_tokens": 4, "chat_template": False,
+          "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,9 @@ def test_batched_kl_equals_one_setting_at_a_time(plain_tokenizer):
     batched = batched_kl(model, plain_tokenizer, shells, table, NEUTRAL, max_logits=5 * 20 * len(plain_tokenizer))
     reference = capability_metrics(model, plain_tokenizer, NEUTRAL)["_logprobs"]
     for value, candidate in zip(batched.tolist(), candidates):
-        context = lambda c=candidate: steer(model, c.circuit, c.multiplier)
+        def context(c=candidate):
+            return steer(model, c.circuit, c.multiplier)
+
         alone = capability_metrics(model, plain_tokenizer, NEUTRAL, reference, context)["kl"]
         assert value == pytest.approx(alone, abs=1e-6)
     assert batched.min() > 1e-3 and len(set(batched.tolist())) == len(candidates)
