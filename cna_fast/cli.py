@@ -253,7 +253,8 @@ def _init_distributed() -> tuple[int, dict | None]:
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise CNAError("--distributed needs torchrun: torchrun --nproc_per_node=N -m cna_fast discover --distributed ...")
+        raise CNAError("--distributed needs torchrun: torchrun --nproc_per_node=N -m cna_fast discover "
+                       "--distributed ...")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
@@ -611,7 +612,8 @@ def run_demo(args) -> None:
     for prompt, base, new in list(zip(held_out, baseline, ablated))[:4]:
         print(f"\n>>> {prompt}")
         print(_side_by_side("baseline", base, "circuit ablated (x0)", new))
-    print(f"\nanswers in French: baseline {language_rate(baseline, 'fr'):.0%}, ablated {language_rate(ablated, 'fr'):.0%}"
+    print(f"\nanswers in French: baseline {language_rate(baseline, 'fr'):.0%}, "
+          f"ablated {language_rate(ablated, 'fr'):.0%}"
           f"; in English: baseline {language_rate(baseline, 'en'):.0%}, ablated {language_rate(ablated, 'en'):.0%}")
     if args.evaluate:
         _demo_evaluation(args, model, tokenizer, circuit)

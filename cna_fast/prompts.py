@@ -44,7 +44,8 @@ class PromptSource:
         if self.spec.startswith(HF_PREFIX):
             parts = self.spec[len(HF_PREFIX):].rsplit(":", 2)
             if len(parts) != 3 or not all(parts):
-                raise CNAError(f"{self.spec!r}: write a dataset as hf:NAME:SPLIT:COLUMN, e.g. hf:tatsu-lab/alpaca:train:instruction")
+                raise CNAError(f"{self.spec!r}: write a dataset as hf:NAME:SPLIT:COLUMN, e.g. "
+                               "hf:tatsu-lab/alpaca:train:instruction")
             self.dataset, self.split, self.column = parts
             self.path = None
         else:
