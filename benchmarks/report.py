@@ -118,7 +118,8 @@ def _steering_lines(results: dict) -> list[str]:
             f"| batched, steered | {steered['seconds']:.2f} | {tokens / steered['seconds']:.0f} | overhead "
             f"{100 * overhead:+.1f}% (<= {100 * STEERING_OVERHEAD_TARGET:.0f}%: "
             f"{_verdict(overhead <= STEERING_OVERHEAD_TARGET)}) |",
-            f"| one prompt at a time, steered | {single['seconds']:.2f} | {tokens / single['seconds']:.0f} | batched is "
+            f"| one prompt at a time, steered | {single['seconds']:.2f} | {tokens / single['seconds']:.0f} "
+            "| batched is "
             f"{batching:.1f}x faster (>= {BATCHING_TARGET:.0f}x: {_verdict(batching >= BATCHING_TARGET)}) |"]
 
 

@@ -15,6 +15,8 @@ from .attribution import attribute, score_neurons, select_neurons
 from .pipeline import UniversalFilter, discover
 from .steering import Steering, caa, generate, steer
 from .export import export_folded, export_lora
+from .gguf_export import export_gguf
+from .tune import tune
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __all__ = [
     "capture_contrast",
     "discover",
     "export_folded",
+    "export_gguf",
     "export_lora",
     "generate",
     "get_adapter",
@@ -42,4 +45,5 @@ __all__ = [
     "score_neurons",
     "select_neurons",
     "steer",
+    "tune",
 ]

@@ -1,11 +1,20 @@
-"""Atomic file output: a reader never sees a half-written file, a failure leaves none behind."""
+"""Atomic file output: a reader never sees a half-written file, a failure leaves none behind.
+
+Temporary files and staging folders carry the writing process's id in their hidden names
+(`.NAME.PID.RANDOM.tmp`, `.NAME.PID.RANDOM.staging`), so the next run into the same place can
+remove those that a killed run left behind without touching a concurrent run's.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterator
+
+_LEFTOVER_SUFFIXES = (".tmp", ".staging", ".old")
 
 
 @contextlib.contextmanager
@@ -16,22 +25,107 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         from .errors import CNAError
 
         raise CNAError(f"output folder {str(target.parent)!r} does not exist: create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_leftovers(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _umask() -> int:
+@contextlib.contextmanager
+def atomic_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[dict[str, Path]]:
+    """Write a set of files all or nothing: yield {path: temporary path}; move them all in place at the end.
+
+    A failure (a full disk on the last file) or Ctrl-C leaves none of the new files, so a command
+    never stops with a partial output set. None entries (outputs not asked for) are skipped.
+    """
+    with contextlib.ExitStack() as stack:
+        temporaries = {str(path): stack.enter_context(_kept_temporary(Path(path))) for path in paths if path}
+        yield temporaries
+        for path, tmp in temporaries.items():
+            if tmp.exists():
+                os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _kept_temporary(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` (no file yet), deleted on exit unless it was moved away."""
+    if not target.parent.is_dir():
+        from .errors import CNAError
+
+        raise CNAError(f"output folder {str(target.parent)!r} does not exist: create it first")
+    remove_leftovers(target)
+    fd, name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()  # the writer creates it (atomically, itself): only the unique name is reserved
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it for long)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give a folder tree made by mkdtemp/mkstemp (0700/0600) the permissions the user's umask asks for."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def staging_prefix(target: Path) -> str:
+    """Prefix of a hidden temporary beside `target` that names its owner process (see remove_leftovers)."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def remove_leftovers(target: Path) -> None:
+    """Delete hidden temporaries of `target` left by runs that are no longer alive (killed or crashed)."""
+    suffixes = "|".join(map(re.escape, _LEFTOVER_SUFFIXES))
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[A-Za-z0-9_]+({suffixes})")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if match.group(2) == ".old" and not target.exists():
+            continue  # killed between the two renames of an export: the previous export is all there is; keep it
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

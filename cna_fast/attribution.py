@@ -13,7 +13,7 @@ import torch
 
 from .circuit import Circuit
 from .errors import CNAError
-from .stats import NEGATIVE, POSITIVE, NeuronStats
+from .stats import NEGATIVE, POSITIVE, NeuronStats, check_contrast
 
 SCORES = ("diff", "t", "d")
 DEFAULT_TOP_FRAC = 0.001
@@ -87,6 +87,7 @@ def attribute(stats: NeuronStats, *, top_k: int | None = None, top_frac: float |
     universal: optional bool mask [len(stats.layers), width] of neurons never to select.
     total_neurons: the model's neuron count for `top_frac` (default: the captured neurons).
     """
+    check_contrast(stats)
     scores = score_neurons(stats, score)
     excluded = set(int(layer) for layer in exclude_layers)
     eligible = torch.tensor([layer not in excluded for layer in stats.layers], device=scores.device)[:, None]

@@ -14,11 +14,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import validation
 from ._io import atomic_path, write_text_atomic
-from .errors import CircuitMismatchError, CNAError
+from .errors import CircuitMismatchError, CNAError, CircuitWeightsWarning
+from .models.content import weights_differ
+from .validation import printable
 
 _FORMAT = "cna_fast.circuit/1"
-_PER_NEURON = ("scores", "deltas", "mean_positive", "mean_negative", "std_positive", "std_negative")
+_PER_NEURON = validation.PER_NEURON
 
 
 # Longer than 150 lines: one value type with its validation, file formats (safetensors, JSON, CSV)
@@ -47,28 +50,30 @@ class Circuit:
     experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.layers = torch.as_tensor(self.layers, dtype=torch.int64).cpu()
-        self.neurons = torch.as_tensor(self.neurons, dtype=torch.int64).cpu()
+        if not isinstance(self.meta, dict):
+            raise CNAError(f"circuit meta must be a dict, got {type(self.meta).__name__}")
+        self.layers = validation.index_tensor("layers", self.layers)
+        self.neurons = validation.index_tensor("neurons", self.neurons)
         size = self.layers.numel()
-        for name in _PER_NEURON:
-            value = torch.as_tensor(getattr(self, name), dtype=torch.float64).cpu()
-            if value.shape != (size,):
-                raise CNAError(f"circuit field {name} has shape {list(value.shape)}, expected [{size}]")
-            setattr(self, name, value)
         if self.neurons.shape != (size,):
             raise CNAError(f"circuit has {size} layer entries but {self.neurons.numel()} neuron entries")
         if self.experts is not None:
             self.experts = torch.as_tensor(self.experts, dtype=torch.int64).cpu()
             if self.experts.shape != (size,):
                 raise CNAError(f"circuit has {size} layer entries but {self.experts.numel()} expert entries")
+        for name in _PER_NEURON:
+            setattr(self, name, validation.float_tensor(name, getattr(self, name), size))
+        fingerprint = self.meta.get("fingerprint") or {}
+        ordinary = ~self.routed
+        validation.check_neurons(self.layers[ordinary], self.neurons[ordinary], fingerprint)
+        if self.routed.any():
+            _check_routed_unique(self)
+        validation.check_scores(self)
         if (self.caa_layers is None) != (self.caa_directions is None):
             raise CNAError("caa_layers and caa_directions come together")
         if self.caa_layers is not None:
-            self.caa_layers = torch.as_tensor(self.caa_layers, dtype=torch.int64).cpu()
-            self.caa_directions = torch.as_tensor(self.caa_directions, dtype=torch.float32).cpu()
-            if self.caa_directions.dim() != 2 or self.caa_directions.shape[0] != self.caa_layers.numel():
-                raise CNAError(f"caa_directions must be [{self.caa_layers.numel()}, d_model], "
-                               f"got {list(self.caa_directions.shape)}")
+            self.caa_layers = validation.index_tensor("caa_layers", self.caa_layers)
+            self.caa_directions = validation.check_caa(self.caa_layers, self.caa_directions, fingerprint)
 
     def __len__(self) -> int:
         return self.layers.numel()
@@ -130,6 +135,7 @@ class Circuit:
                     f"circuit neuron (layer {layer}, index {neuron}) does not exist in this model "
                     f"({num_layers} layers x {architecture['d_ff']} neurons)"
                 )
+        _check_content(self, architecture)
 
     def layer_counts(self) -> list[int]:
         """Number of circuit neurons in each layer of the model (index = layer)."""
@@ -139,14 +145,15 @@ class Circuit:
     def summary(self, top: int = 10) -> str:
         """A human-readable report: provenance, neurons per layer, the top neurons."""
         meta, architecture = self.meta, self.architecture
-        lines = [
-            f"circuit: {len(self)} neurons of {meta.get('model', '?')} "
-            f"({architecture.get('model_type', '?')}, {architecture.get('num_layers', '?')} layers x "
-            f"{architecture.get('d_ff', '?')} neurons)",
-            f"score: {meta.get('score', '?')}   position: {meta.get('position', '?')}   "
-            f"prompts: {meta.get('n_positive', '?')} positive / {meta.get('n_negative', '?')} negative   "
-            f"excluded layers: {meta.get('exclude_layers') or 'none'}   "
-            f"universal neurons removed: {meta.get('universal_removed', 0)}",
+        model = (f"circuit: {len(self)} neurons of {meta.get('model', '?')} "
+                 f"({architecture.get('model_type', '?')}, {architecture.get('num_layers', '?')} layers x "
+                 f"{architecture.get('d_ff', '?')} neurons)")
+        settings = (f"score: {meta.get('score', '?')}   position: {meta.get('position', '?')}   "
+                    f"prompts: {meta.get('n_positive', '?')} positive / {meta.get('n_negative', '?')} negative   "
+                    f"excluded layers: {meta.get('exclude_layers') or 'none'}   "
+                    f"universal neurons removed: {meta.get('universal_removed', 0)}")
+        lines = [printable(model), printable(settings)]  # meta comes from a file: no terminal escapes
+        lines += [
             "",
             "neurons per layer:",
         ]
@@ -214,17 +221,22 @@ class Circuit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Circuit":
         """Read a circuit written by `save`."""
-        if not os.path.isfile(path):
-            raise CNAError(f"circuit file {str(path)!r} does not exist")
+        from .paths import require_file
+
+        require_file(path, "circuit file")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
+                meta = validation.parse_header(header, list(handle.keys()), str(path), _FORMAT)
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except CNAError:
+            raise
         except Exception as error:  # safetensors raises its own error types for corrupt files
             raise CNAError(f"cannot read circuit file {str(path)!r}: {error}") from error
-        if header.get("format") != _FORMAT:
-            raise CNAError(f"{str(path)!r} is not a cna_fast circuit file (no {_FORMAT} header)")
-        return cls(meta=json.loads(header.get("meta", "{}")), **tensors)
+        try:
+            return cls(meta=meta, **tensors)
+        except CNAError as error:
+            raise CNAError(f"circuit file {str(path)!r} is invalid: {error}") from None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Metadata and neurons as JSON text; also written to `path` if given."""
@@ -264,6 +276,15 @@ def routing_lines(routing: dict[str, Any] | None, top: int) -> list[str]:
     return lines
 
 
+def _check_routed_unique(circuit: Circuit) -> None:
+    """Each routed (layer, expert, neuron) once."""
+    routed = circuit.routed
+    triples = torch.stack([circuit.layers[routed], circuit.experts[routed], circuit.neurons[routed]], 1)
+    if torch.unique(triples, dim=0).shape[0] != triples.shape[0]:
+        raise CNAError("circuit lists a routed neuron (layer, expert, index) more than once: each neuron may appear "
+                       "once")
+
+
 def _check_experts_fit(circuit: Circuit, architecture: dict[str, Any]) -> None:
     """Raise CircuitMismatchError unless every routed neuron exists in a model of `architecture`."""
     mine, theirs = circuit.architecture.get("experts"), architecture.get("experts")
@@ -283,6 +304,19 @@ def _check_experts_fit(circuit: Circuit, architecture: dict[str, Any]) -> None:
             raise CircuitMismatchError(
                 f"circuit neuron (layer {layer}, expert {expert}, index {neuron}) does not exist in this model "
                 f"(MoE layers {theirs['layers']}, {theirs['num_experts']} experts x {theirs['width']} neurons)")
+
+
+def _check_content(circuit: Circuit, fingerprint: dict[str, Any]) -> None:
+    """CAA width against the model's hidden size; a warning when the weights differ although the shapes match."""
+    d_model = fingerprint.get("d_model")
+    if d_model is not None and circuit.caa_directions is not None and circuit.caa_directions.shape[1] != d_model:
+        raise CircuitMismatchError(f"the circuit's CAA directions are {circuit.caa_directions.shape[1]} wide but this "
+                                   f"model's hidden size is {d_model}: discover a circuit on this model")
+    if weights_differ(circuit.architecture.get("weights"), fingerprint.get("weights")):
+        warnings.warn(f"this circuit was discovered on {printable(circuit.meta.get('model', 'another model'))}, whose "
+                      "down-projection weights differ from this model's although the shapes match (base vs "
+                      "instruct, or another fine-tune?): its neurons may mean something else here; rediscover "
+                      "on this model to be sure", CircuitWeightsWarning, stacklevel=4)
 
 
 def _number(value: float | None) -> str:

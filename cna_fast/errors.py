@@ -11,3 +11,7 @@ class CircuitMismatchError(CNAError):
 
 class UnsupportedArchitectureError(CNAError):
     """The model's architecture has no adapter."""
+
+
+class CircuitWeightsWarning(UserWarning):
+    """A circuit is applied to a model of the same shape but with other weights than the one it was found on."""

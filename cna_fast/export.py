@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,9 +19,10 @@ from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
 from .models.moe import expert_columns, scale_expert_columns
-from .steering import as_multiplier
-
-_STEERING_FILE = "cna_fast_steering.json"
+from .paths import EXPORT_MARKER as _STEERING_FILE
+from .paths import OutputFolder
+from .serving import check_lora_rank_for_vllm, check_vllm_adapter
+from .steering import as_multiplier, check_multiplier_fits
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -59,39 +58,29 @@ def weight_columns(module: nn.Module, neurons: torch.Tensor) -> torch.Tensor:
     return weight[:, neurons.to(weight.device)].float().cpu()
 
 
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype a (possibly quantized) layer computes in; float32 if none is found."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The down projection's whole weight as a float32 [out, in] matrix (read back if quantized)."""
     in_features = getattr(module, "in_features", None) or module.nx
     return weight_columns(module, torch.arange(int(in_features)))
 
 
-def check_output_folder(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse a non-empty output folder (unless forced) or a missing parent, before any work is done."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
-        raise CNAError(f"output folder {str(path)!r} is not empty: choose another or pass force=True (--force)")
-    if not path.absolute().parent.is_dir():
-        raise CNAError(f"parent folder of {str(path)!r} does not exist: create it first")
-    return path
+def _model_folder(model: nn.Module) -> str | None:
+    """The local folder the model was loaded from, if any: an export must never replace it."""
+    path = getattr(model.config, "_name_or_path", "") or ""
+    return path if path and os.path.isdir(path) else None
 
 
-class _OutputFolder:
-    """Write into a temporary sibling folder, then move it to `path`; refuse a non-empty folder unless forced."""
-
-    def __init__(self, path: str | os.PathLike, force: bool) -> None:
-        self.path = check_output_folder(path, force).absolute()
-
-    def __enter__(self) -> Path:
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        return self.staging
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        if self.path.exists():
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
-        os.rename(self.staging, self.path)
+def _check_finite(values: torch.Tensor, dtype: torch.dtype, multiplier: float, layer: int) -> None:
+    """Scaled weights must stay finite in the dtype they are stored and computed in."""
+    limit = torch.finfo(dtype).max
+    if not torch.isfinite(values).all() or values.abs().max() > limit:
+        raise CNAError(f"multiplier {multiplier:g} makes layer {layer}'s weights overflow {str(dtype)[6:]} "
+                       f"(largest finite value {limit:.3g}): use a smaller multiplier")
 
 
 def _provenance(model, circuit: Circuit, multiplier: float, kind: str) -> dict:
@@ -107,7 +96,7 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     state dict only.
     """
     multiplier = as_multiplier(multiplier)
-    output = _OutputFolder(out_dir, force)
+    output = OutputFolder(out_dir, force, inputs=[_model_folder(model)])
     circuit.validate(model)
     adapter = get_adapter(model)
     state = model.state_dict()
@@ -129,10 +118,12 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
                            "export, or load the model unquantized")
         key = f"{names[id(down)]}.weight"
         weight = state[key].clone()
+        check_multiplier_fits(multiplier, weight.dtype)
         if _is_conv1d(down):
             weight[neurons.to(weight.device), :] *= multiplier
         else:
             weight[:, neurons.to(weight.device)] *= multiplier
+        _check_finite(weight, weight.dtype, multiplier, layer)
         state[key] = weight
     with output as staging:
         model.save_pretrained(staging, state_dict=state)
@@ -171,22 +162,29 @@ def _expert_lora(adapter, by_expert: dict[tuple[int, int], torch.Tensor], multip
 
 
 def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: str | os.PathLike, *,
-                force: bool = False) -> Path:
+                force: bool = False, check_vllm: bool = True) -> Path:
     """Write a PEFT LoRA adapter on the down projections that applies the circuit at `multiplier`.
 
     Rank r is the largest number of circuit neurons in one layer (layers with fewer get zero
     padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
     Routed-expert neurons go into PEFT's LoRA on the 3-D expert down projections
     (`target_parameters`, one rank-r update per expert; r also covers the most neurons of one expert).
+    check_vllm: refuse a rank above vLLM's maximum (512) and check the written adapter the way
+        vLLM's loader does (`cna_fast.serving.check_vllm_adapter`); False allows any rank (PEFT only).
     """
     multiplier = as_multiplier(multiplier)
-    output = _OutputFolder(out_dir, force)
+    output = OutputFolder(out_dir, force, inputs=[_model_folder(model)])
     circuit.validate(model)
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
     adapter = get_adapter(model)
     by_layer, by_expert = circuit.by_layer(), circuit.by_expert()
     rank = max(neurons.numel() for neurons in [*by_layer.values(), *by_expert.values()])
+    if by_expert and check_vllm:
+        raise CNAError("vLLM does not load LoRA on expert parameters: export routed-expert neurons with "
+                       "check_vllm=False (a PEFT adapter for PeftModel) or use the folded export")
+    if check_vllm:
+        check_lora_rank_for_vllm(rank)
     names = {id(module): name for name, module in model.named_modules()}
     tensors, targets = {}, []
     conv1d = False
@@ -198,6 +196,7 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
         lora_a[torch.arange(neurons.numel()), neurons] = 1.0
         lora_b = torch.zeros(columns.shape[0], rank, dtype=torch.float32)
         lora_b[:, :neurons.numel()] = (multiplier - 1.0) * columns
+        _check_finite(lora_b, _compute_dtype(down), multiplier, layer)
         name = names[id(down)]
         targets.append(name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
@@ -213,4 +212,8 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (staging / _STEERING_FILE).write_text(json.dumps(_provenance(model, circuit, multiplier, "lora"), indent=2))
+        if check_vllm:
+            problems = check_vllm_adapter(staging, model=model).problems
+            if problems:
+                raise CNAError("the adapter would not load in vLLM: " + "; ".join(problems))
     return Path(out_dir)

@@ -92,7 +92,8 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
              top_frac: float | None = DEFAULT_TOP_FRAC, score: str = "diff", exclude_layers: Iterable[int] = (),
              universal_filter: bool | UniversalFilter | torch.Tensor = False, progress: bool = True,
              distributed: bool = False, checkpoint: str | os.PathLike | None = None,
-             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume: bool = False, **options) -> Circuit:
+             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume: bool = False,
+             save_stats: str | os.PathLike | None = None, **options) -> Circuit:
     """Find the circuit: the neurons whose activations best separate `positive` from `negative` prompts.
 
     settings / options: how prompts are captured, a CaptureSettings or its fields as keywords
@@ -107,6 +108,8 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
     checkpoint / checkpoint_every / resume: save the statistics and stream position to `checkpoint`
         at the end of every tokenization window once `checkpoint_every` prompts have passed; with
         resume=True continue from it. Needs re-readable prompt sets (lists or PromptSource files).
+    save_stats: also write the contrast statistics there (rank 0 only), so that `cna_fast.tune` can
+        search circuits of every size without capturing again.
     """
     adapter = get_adapter(model)
     settings = CaptureSettings.build(settings, **options)
@@ -129,6 +132,8 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
                            resume)
     stats = capture_contrast(model, tokenizer, positive, negative, settings, progress=progress,
                              distributed=distributed, checkpoint=saver)
+    if save_stats is not None:
+        _save_stats(stats, save_stats, model, tokenizer, settings, distributed)
     universal = _universal_mask(universal_filter, model, tokenizer, settings, progress)
     meta = {
         "model": model_name(model),
@@ -146,6 +151,17 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
                         universal=universal, total_neurons=adapter.num_neurons, meta=meta)
     circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)
     return circuit
+
+
+def _save_stats(stats: NeuronStats, path: str | os.PathLike, model: nn.Module, tokenizer,
+                settings: CaptureSettings, distributed: bool) -> None:
+    """Write the statistics with what they were captured from (on rank 0 of a distributed run)."""
+    if distributed and torch.distributed.get_rank() != 0:
+        return
+    stats.meta = {"model": model_name(model), "fingerprint": get_adapter(model).architecture(),
+                  "position": settings.reduction, "capture": settings.identity(),
+                  "chat_template": uses_chat_template(tokenizer, settings.chat_template)}
+    stats.save(path)
 
 
 def mlp_output_directions(model: nn.Module, stats: NeuronStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,25 +34,24 @@ def plot_circuit(circuit: Circuit, path: str | os.PathLike) -> None:
     by_rank.set_xlabel("rank")
     by_rank.set_ylabel(f"|{circuit.meta.get('score', 'score')}|")
     by_rank.set_title("score magnitude (red: higher on positive, blue: on negative)")
-    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)} neurons")
+    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)} neurons", parse_math=False)  # '$' is text
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
 
 
-def plot_sweep(rows: list[dict], path: str | os.PathLike) -> None:
-    """Quality and answer language against the multiplier, from `cna sweep` rows."""
+def plot_sweep(rows: list[dict], path: str | os.PathLike, behavior: str = "behavior") -> None:
+    """Behavior rate and quality against the multiplier, from `cna sweep` rows."""
     plt = _pyplot()
     values = sorted({row["multiplier"] for row in rows})
 
-    def mean_of(key, predicate=lambda row: True):
-        chosen = [[row for row in rows if row["multiplier"] == value] for value in values]
-        return [sum(key(row) for row in group if predicate(row)) / len(group) for group in chosen]
+    def mean_of(key):
+        groups = [[row[key] for row in rows if row["multiplier"] == value] for value in values]
+        return [sum(group) / len(group) for group in groups]
 
     figure, axis = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    axis.plot(values, mean_of(lambda row: row["quality"]), "o-", label="quality (1 - repeated 4-grams)")
-    axis.plot(values, mean_of(lambda row: row["language"] == "fr"), "s-", label="answers in French")
-    axis.plot(values, mean_of(lambda row: row["language"] == "en"), "^-", label="answers in English")
+    axis.plot(values, mean_of("behavior"), "s-", label=f"{behavior} rate")
+    axis.plot(values, mean_of("quality"), "o-", label="quality (1 - repeated 4-grams)")
     axis.set_xlabel("multiplier")
     axis.set_ylim(-0.05, 1.05)
     axis.legend()
@@ -69,13 +68,15 @@ _METHOD_STYLE = {"cna": ("o-", "#c44e52", "CNA (circuit)"), "caa": ("s--", "#4c7
 def _evaluation_figure(result, circuit: Circuit, behavior: str):
     plt = _pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
-    panels = ((axes[0][0], "behavior_rate", f"{behavior} rate"), (axes[0][1], "quality", "quality (1 - repeated 4-grams)"),
+    panels = ((axes[0][0], "behavior_rate", f"{behavior} rate"),
+              (axes[0][1], "quality", "quality (1 - repeated 4-grams)"),
               (axes[1][0], "kl", "next-token KL vs unsteered (nats)"))
     for axis, key, label in panels:
         for method in dict.fromkeys(row["method"] for row in result.metrics):
             rows = [row for row in result.metrics if row["method"] == method]
             style, colour, name = _METHOD_STYLE[method]
-            axis.plot([row["strength"] for row in rows], [row[key] for row in rows], style, color=colour, label=name)
+            values = [float("nan") if row[key] is None else row[key] for row in rows]  # None: not measured
+            axis.plot([row["strength"] for row in rows], values, style, color=colour, label=name)
         axis.set_xlabel("strength (multiplier; CAA alpha = strength - 1)")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
@@ -83,7 +84,7 @@ def _evaluation_figure(result, circuit: Circuit, behavior: str):
     axes[1][1].bar(range(len(counts)), counts, color="#c44e52")
     axes[1][1].set_xlabel("layer")
     axes[1][1].set_ylabel("circuit neurons")
-    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)}-neuron circuit vs baselines")
+    figure.suptitle(f"{circuit.meta.get('model', '')}: {len(circuit)}-neuron circuit vs baselines", parse_math=False)
     return plt, figure
 
 
@@ -109,9 +110,12 @@ def write_html_report(result, circuit: Circuit, path: str | os.PathLike, behavio
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     image = base64.b64encode(buffer.getvalue()).decode()
-    columns = ["method", "strength", "behavior_rate", "quality", "kl", "perplexity", "mc_accuracy"]
-    table = "".join("<tr>" + "".join(f"<td>{html.escape(f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]))}</td>"
-                                     for c in columns) + "</tr>" for row in result.metrics)
+    columns = ["method", "strength", "behavior_rate", "quality", "answer_ppl", "kl", "perplexity", "mc_accuracy"]
+
+    def cell(value) -> str:
+        return f"<td>{html.escape(f'{value:.4g}' if isinstance(value, float) else str(value))}</td>"
+
+    table = "".join("<tr>" + "".join(cell(row[c]) for c in columns) + "</tr>" for row in result.metrics)
     shown: dict[tuple, int] = {}
     examples = []
     for item in result.generations:
@@ -132,3 +136,38 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head>
 {''.join(examples)}</table></body></html>
 """
     write_text_atomic(path, page)
+
+
+def plot_tune(result, path: str | os.PathLike) -> None:
+    """Behavior rate against KL for every setting `cna tune` measured: the Pareto front, the KL
+    budget and the chosen setting marked (a `cna_fast.tune_result.TuneResult`)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    rows = [row for row in result.table if row["behavior_rate"] is not None and row["kl"] is not None]
+    colours = {"diff": "#4c72b0", "t": "#dd8452", "d": "#55a868"}
+    for score, colour in colours.items():
+        for final, marker, alpha in ((False, "x", 0.35), (True, "o", 0.9)):
+            chosen = [row for row in rows if row["score"] == score and row["stage"].endswith("final") == final]
+            if chosen:
+                axis.scatter([row["kl"] for row in chosen], [row["behavior_rate"] for row in chosen], marker=marker,
+                             color=colour, alpha=alpha, label=f"{score}, {'full' if final else 'screened'}")
+    front = [row for row in result.pareto if row["kl"] is not None]
+    axis.plot([row["kl"] for row in front], [row["behavior_rate"] for row in front], "-", color="#c44e52",
+              drawstyle="steps-post", label="Pareto front")
+    baseline = result.baseline
+    axis.scatter([0.0], [baseline.behavior_rate], marker="s", color="black", label="unsteered", zorder=3)
+    axis.axvline(result.kl_budget, color="grey", linestyle="--", label=f"KL budget {result.kl_budget:g}")
+    if result.chosen is not None:
+        chosen = result.chosen
+        axis.scatter([chosen.kl], [chosen.behavior_rate], marker="*", s=260, color="#c44e52", edgecolor="black",
+                     zorder=4, label=f"chosen: {chosen.score} top {chosen.size}, x{chosen.multiplier:g}")
+    axis.set_xscale("symlog", linthresh=1e-3)
+    axis.set_xlabel("KL on neutral text (nats)")
+    axis.set_ylabel(f"{result.behavior} rate")
+    axis.set_ylim(-0.05, 1.05)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title(f"circuit search ({result.goal} {result.behavior}): {result.tokens_spent:,} tokens generated, "
+                   f"{result.tokens_spent / result.full_grid_tokens:.0%} of the full grid")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)

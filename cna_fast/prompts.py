@@ -8,7 +8,6 @@ import json
 import os
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Iterator
 
 from .errors import CNAError
@@ -17,6 +16,7 @@ PROMPT_FIELDS = ("prompt", "text")
 FORMATS = (".txt", ".jsonl", ".csv")
 BUNDLED = ("french_questions", "english_questions", "french_heldout")
 HF_PREFIX = "hf:"
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -44,18 +44,18 @@ class PromptSource:
         if self.spec.startswith(HF_PREFIX):
             parts = self.spec[len(HF_PREFIX):].rsplit(":", 2)
             if len(parts) != 3 or not all(parts):
-                raise CNAError(f"{self.spec!r}: write a dataset as hf:NAME:SPLIT:COLUMN, e.g. hf:tatsu-lab/alpaca:train:instruction")
+                raise CNAError(f"{self.spec!r}: write a dataset as hf:NAME:SPLIT:COLUMN, e.g. "
+                               "hf:tatsu-lab/alpaca:train:instruction")
             self.dataset, self.split, self.column = parts
             self.path = None
         else:
-            self.path = Path(self.spec)
+            from .paths import require_file
+
+            self.path = require_file(self.spec, "prompt file")  # a folder, FIFO or device says what it is
             suffix = self.path.suffix.lower()
             if suffix not in FORMATS:
                 raise CNAError(f"prompt file {self.spec!r} has an unknown extension: use one of {', '.join(FORMATS)} "
                                f"or {HF_PREFIX}NAME:SPLIT:COLUMN")
-            if not self.path.is_file():
-                what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
-                raise CNAError(f"prompt file {self.spec!r} {what}")
             self.suffix = suffix
 
     def __iter__(self) -> Iterator[str]:
@@ -83,6 +83,8 @@ class PromptSource:
             raise CNAError(f"cannot read prompt file {self.spec!r}: {error}") from None
         with handle:
             for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]  # Excel's "CSV UTF-8" and Notepad write a byte-order mark
                 try:
                     line = raw.decode("utf-8")
                     yield number, line if keep_newlines else line.rstrip("\r\n")
@@ -114,7 +116,7 @@ class PromptSource:
                 else:
                     yield line
 
-        reader = csv.reader(decoded())
+        reader = csv.reader(decoded(), strict=True)  # strict: an unterminated quoted cell is an error
         try:
             header = next(reader, None)
             column = next((header.index(name) for name in PROMPT_FIELDS if header and name in header), None)

@@ -21,6 +21,7 @@ from .errors import CNAError
 NEGATIVE, POSITIVE, SKIP = 0, 1, -1
 _FORMAT = "cna_fast.stats/1"
 _UPDATE_ELEMENTS = 1 << 22  # activations reduced in one float64 step (32 MiB)
+_SAME_MEANS = 1e-6  # largest |mean difference| relative to the largest |mean| that counts as no contrast
 
 
 # Longer than 150 lines: one value type whose update, merge, distributed reduction and file format share
@@ -44,7 +45,8 @@ class NeuronStats:
         meta: dict[str, Any] | None = None,
     ) -> None:
         if n_groups < 1 or width < 1 or len(layers) < 1:
-            raise CNAError(f"statistics need at least one layer, group and neuron; got {len(layers)}, {n_groups}, {width}")
+            raise CNAError(f"statistics need at least one layer, group and neuron; got {len(layers)}, {n_groups}, "
+                           f"{width}")
         self.layers = [int(layer) for layer in layers]
         self.width = int(width)
         self.n_groups = int(n_groups)
@@ -175,24 +177,69 @@ class NeuronStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "NeuronStats":
-        """Read statistics written by `save`."""
+        """Read statistics written by `save`; damaged or crafted files are a CNAError, not a traceback."""
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
+                names = set(handle.keys())
             tensors = load_file(str(path))
         except Exception as error:  # safetensors raises its own error type for corrupt files
             raise CNAError(f"cannot read statistics file {str(path)!r}: {error}") from error
         if header.get("format") != _FORMAT:
             raise CNAError(f"{str(path)!r} is not a cna_fast statistics file")
-        layers = tensors["layers"].tolist()
-        stats = cls(layers, tensors["mean"].shape[2], tensors["mean"].shape[1], device=device,
-                    meta=json.loads(header.get("meta", "{}")))
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+            layers = _checked_tensors(names, tensors, meta)
+        except (CNAError, ValueError, RecursionError) as error:
+            raise CNAError(f"statistics file {str(path)!r} is damaged ({error}): delete it and start over") from None
+        stats = cls(layers, tensors["mean"].shape[2], tensors["mean"].shape[1], device=device, meta=meta)
         stats.count = tensors["count"].to(device)
         stats.mean = tensors["mean"].to(device)
         stats.m2 = tensors["m2"].to(device)
         return stats
+
+
+def check_contrast(stats: NeuronStats) -> None:
+    """Refuse statistics that cannot rank neurons: NaN anywhere, or no difference between the groups."""
+    bad = int((~torch.isfinite(stats.mean)).sum()) + int((~torch.isfinite(stats.m2)).sum())
+    if bad:
+        raise CNAError(f"the statistics hold {bad} NaN or infinite values (NaN activations, e.g. a float16 "
+                       "overflow, or a damaged checkpoint): capture in float32 or bfloat16, and do not resume "
+                       "from that checkpoint")
+    if stats.n_groups >= 2 and stats.count.min() > 0:
+        gap = (stats.mean[:, POSITIVE] - stats.mean[:, NEGATIVE]).abs().max()
+        if gap <= _SAME_MEANS * stats.mean.abs().max().clamp_min(1e-30):
+            raise CNAError("the positive and negative prompts give the same activations: the two sets are "
+                           "identical (or do not differ for this model); give two different prompt sets")
+
+
+def _checked_tensors(names: set[str], tensors: dict[str, torch.Tensor], meta: object) -> list[int]:
+    """The layer list of a statistics file, after checking its tensors and checkpoint fields."""
+    if names != {"count", "mean", "m2", "layers"}:
+        raise CNAError(f"tensors {sorted(names)}, expected count, layers, m2, mean")
+    count, mean, m2, layers = (tensors[name] for name in ("count", "mean", "m2", "layers"))
+    if layers.dim() != 1 or layers.dtype != torch.int64 or mean.dim() != 3 or mean.shape[0] != layers.numel():
+        raise CNAError(f"layers {list(layers.shape)} and mean {list(mean.shape)} do not fit together")
+    if m2.shape != mean.shape or count.shape != mean.shape[1:2] or mean.dtype != torch.float64:
+        raise CNAError(f"count {list(count.shape)}, mean {list(mean.shape)}, m2 {list(m2.shape)}: shapes differ")
+    if count.dtype != torch.float64 or not torch.isfinite(count).all() or (count < 0).any() or (
+            count != count.round()).any():
+        raise CNAError("counts must be non-negative whole numbers")
+    if layers.numel() and (int(layers.min()) < 0 or len(set(layers.tolist())) != layers.numel()):
+        raise CNAError(f"layers must be distinct non-negative indices, got {layers.tolist()}")
+    if not isinstance(meta, dict):
+        raise CNAError(f"metadata of type {type(meta).__name__}, expected an object")
+    if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+        raise CNAError("it holds NaN or infinite statistics")
+    identity, consumed = meta.get("identity"), meta.get("consumed")
+    if identity is not None and (not isinstance(identity, dict) or identity.get("layers", layers.tolist())
+                                 != layers.tolist()):
+        raise CNAError("the checkpoint identity does not match its layers")
+    if identity is not None and (isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0):
+        raise CNAError(f"checkpoint position 'consumed' must be a whole number of prompts, got {consumed!r}")
+    return layers.tolist()
 
 
 def batch_moments(rows: torch.Tensor, labels: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,7 @@ import contextlib
 import math
 import warnings
 import numbers
-from typing import Callable, ContextManager, Iterable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -46,8 +46,20 @@ def as_multiplier(value: object) -> float:
     return number
 
 
+def check_multiplier_fits(multipliers: float | torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse multipliers that are not finite in `dtype`, the dtype they are applied in."""
+    values = torch.as_tensor(multipliers, dtype=torch.float64)
+    if not dtype.is_floating_point or values.numel() == 0:
+        return
+    limit = torch.finfo(dtype).max
+    largest = float(values.abs().max())
+    if largest > limit:
+        raise CNAError(f"multiplier {largest:g} is not finite in {str(dtype).removeprefix('torch.')} (its largest "
+                       f"value is {limit:.4g}): use a multiplier of at most {limit:.3g} in magnitude")
+
+
 def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tensor:
-    multipliers = torch.as_tensor(multipliers, dtype=torch.float32).detach().cpu()
+    multipliers = torch.as_tensor(multipliers, dtype=torch.float64).detach().cpu()
     if multipliers.dim() == 1:
         if multipliers.shape[0] != n_circuits:
             raise CNAError(f"multipliers must have one value per circuit ({n_circuits}), got shape "
@@ -57,7 +69,8 @@ def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tens
                        f"got shape {list(multipliers.shape)}")
     if not torch.isfinite(multipliers).all():
         raise CNAError("multipliers must be finite numbers: got NaN or infinity")
-    return multipliers
+    check_multiplier_fits(multipliers, torch.float32)
+    return multipliers.float()
 
 
 def circuit_key(circuit: Circuit) -> tuple:
@@ -113,6 +126,8 @@ class Steering:
         self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
         self._previous_ids: torch.Tensor | None = None
         self._moe_rows = None  # MoE models: rows of the current forward (shared experts see tokens flattened)
+        probe = next(adapter.mlp(int(self.circuits[0].layers[0])).parameters())
+        check_multiplier_fits(self.multipliers, probe.dtype)
         # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel, unless positions
         # are restricted, another fused steering already patches the MLPs, or the model is MoE (hooks only).
         moe = isinstance(adapter, MoEAdapter)
@@ -259,6 +274,22 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
     return Steering(model, circuits, multipliers, positions=positions, allow_stacking=allow_stacking)
 
 
+def _checked_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a non-empty list of strings; a single string is an error, not a list of characters."""
+    if isinstance(prompts, (str, bytes)):
+        raise CNAError("prompts must be a list of strings, got a single string: pass [prompt]")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise CNAError(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
+    if not prompts:
+        raise CNAError("no prompts to generate from")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise CNAError(f"prompts[{index}] is {type(prompt).__name__}, not a string: give text prompts")
+    return prompts
+
+
 def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
     return None if multipliers is None or multipliers.dim() == 1 else multipliers[rows]
 
@@ -275,15 +306,7 @@ def _multiplier_table(circuits: list[Circuit] | None, multiplier: float, multipl
 
 
 def _check_generation_inputs(prompts: object, batch_size: object, max_new_tokens: object) -> list[str]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
-        raise CNAError(f"prompts must be a list of strings, got {type(prompts).__name__}; wrap a single prompt "
-                       "in a list")
-    prompts = list(prompts)
-    if not prompts:
-        raise CNAError("no prompts to generate from")
-    for number, prompt in enumerate(prompts, 1):
-        if not isinstance(prompt, str):
-            raise CNAError(f"prompt {number} is a {type(prompt).__name__}, not a string")
+    prompts = _checked_prompts(prompts)
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CNAError(f"{name} must be a positive integer, got {value!r}")
@@ -367,9 +390,14 @@ class AddDirections:
         layers = [int(layer) for layer in torch.as_tensor(layers).reshape(-1).tolist()]
         if len(layers) != len(directions):
             raise CNAError(f"{len(layers)} CAA layers for {len(directions)} directions: give one direction per layer")
-        for layer in layers:  # every check before the first hook, so a refusal leaves the model untouched
+        for layer, direction in zip(layers, directions):  # every check before the first hook
             if not 0 <= layer < adapter.num_layers:
                 raise CNAError(f"CAA direction for layer {layer}, but the model has {adapter.num_layers} layers")
+            site = adapter.neuron_site(layer)
+            width = getattr(site, "out_features", None) or getattr(site, "nf", None)
+            if width is not None and direction.shape[-1] != width:
+                raise CNAError(f"CAA direction for layer {layer} is {direction.shape[-1]} wide but the model's hidden "
+                               f"size is {width}: rediscover the circuit on this model")
         with HookSet.building() as hooks:
             for layer, direction in zip(layers, directions):
                 hooks.post_hook(adapter.neuron_site(layer), self._make_hook(direction, alpha))

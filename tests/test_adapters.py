@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from cna_fast import discover, get_adapter
 from cna_fast.errors import CNAError, UnsupportedArchitectureError
 from cna_fast.models.adapters import ARCHITECTURES, ModelAdapter
-from tests.tiny import ARCH_CONFIGS, build_tiny_model
+from tests.tiny import ARCH_CONFIGS, DOWN_PATHS, build_tiny_model
 
 MODEL_TYPES = sorted(ARCHITECTURES)
 NUM_LAYERS = 4  # every tiny config in tests/tiny.py
@@ -169,8 +169,18 @@ def test_gated_site_is_not_the_activation_output_alone(model_type: str, vocab_si
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_fingerprint(model_type: str, vocab_size: int) -> None:
+    """Shape (type, depth, width, hidden size) and content: each layer's sampled values are entries of its
+    down projection (found through the test's own module paths)."""
     model = build_tiny_model(model_type, vocab_size)
-    assert get_adapter(model).fingerprint() == {"model_type": model_type, "num_layers": NUM_LAYERS, "d_ff": D_FF}
+    fingerprint = get_adapter(model).architecture()
+    shape = {key: fingerprint[key] for key in ("model_type", "num_layers", "d_ff", "d_model")}
+    assert shape == {"model_type": model_type, "num_layers": NUM_LAYERS, "d_ff": D_FF, "d_model": HIDDEN}
+    weights = fingerprint["weights"]
+    assert weights["dtype"] == "float32" and len(weights["sample"]) == 4 * NUM_LAYERS
+    blocks, down = DOWN_PATHS[model_type]
+    for layer, block in enumerate(model.get_submodule(blocks)):
+        values = torch.tensor(weights["sample"][4 * layer:4 * layer + 4])
+        assert torch.isin(values, block.get_submodule(down).weight.detach()).all()
 
 
 def test_fingerprint_lists_widths_when_layers_differ(vocab_size: int) -> None:
@@ -183,9 +193,9 @@ def test_fingerprint_lists_widths_when_layers_differ(vocab_size: int) -> None:
     adapter = ModelAdapter(model)
     assert adapter.widths == [D_FF, D_FF, 48, D_FF]
     assert adapter.num_neurons == 3 * D_FF + 48
-    assert adapter.fingerprint() == {"model_type": "llama", "num_layers": NUM_LAYERS, "d_ff": [D_FF, D_FF, 48, D_FF]}
+    assert adapter.architecture()["d_ff"] == [D_FF, D_FF, 48, D_FF]
     with pytest.raises(UnsupportedArchitectureError, match="different MLP widths"):
-        adapter.d_ff
+        _ = adapter.d_ff
 
 
 def _tiny_bloom() -> nn.Module:

@@ -83,7 +83,7 @@ def test_attribute_fields_match_samples() -> None:
     assert circuit.meta["n_positive"] == 9 and circuit.meta["n_negative"] == 11 and circuit.meta["top_k"] == 10
 
 
-def planted_stats(layers: list[int] = [0, 1, 2, 3], width: int = 8, seed: int = 0) -> NeuronStats:
+def planted_stats(layers: tuple[int, ...] = (0, 1, 2, 3), width: int = 8, seed: int = 0) -> NeuronStats:
     """Small noise everywhere; layer-row 2 neuron 5: -10 (positive lower); layer-row 0 neuron 3: +4."""
     rng = np.random.default_rng(seed)
     positive = rng.normal(0, 0.1, size=(len(layers), 10, width))

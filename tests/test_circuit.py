@@ -59,7 +59,7 @@ def hand_circuit(layers: list[int], neurons: list[int], meta: dict | None = None
 @pytest.fixture
 def circuit(tiny_llama) -> Circuit:
     """Top 12 neurons of hand-made stats, with the tiny Llama's fingerprint in meta."""
-    meta = {"model": "tiny-llama", "fingerprint": get_adapter(tiny_llama).fingerprint(), "note": ["a", 1, 2.5]}
+    meta = {"model": "tiny-llama", "fingerprint": get_adapter(tiny_llama).architecture(), "note": ["a", 1, 2.5]}
     return attribute(contrast_stats(9, 14), top_k=12, meta=meta)
 
 
@@ -78,7 +78,7 @@ def test_save_load_round_trip(circuit: Circuit, tmp_path: Path) -> None:
         original, restored = getattr(circuit, name), getattr(loaded, name)
         assert restored.dtype == original.dtype and torch.equal(original, restored), name
     assert loaded.meta == circuit.meta
-    assert loaded.meta["note"] == ["a", 1, 2.5] and loaded.fingerprint == circuit.fingerprint
+    assert loaded.meta["note"] == ["a", 1, 2.5] and loaded.architecture == circuit.architecture
     assert os.listdir(tmp_path) == ["circuit.safetensors"]
 
 
@@ -152,7 +152,7 @@ def test_validate_rejects_different_layer_count(circuit: Circuit, tokenizer) -> 
 
 def test_validate_rejects_different_width(circuit: Circuit, tokenizer) -> None:
     gpt2 = tiny_model("gpt2", len(tokenizer), n_inner=128)
-    assert get_adapter(gpt2).fingerprint()["num_layers"] == 4  # only the width differs
+    assert get_adapter(gpt2).architecture()["num_layers"] == 4  # only the width differs
     with pytest.raises(CircuitMismatchError):
         circuit.validate(gpt2)
     with pytest.raises(CircuitMismatchError):
@@ -161,11 +161,12 @@ def test_validate_rejects_different_width(circuit: Circuit, tokenizer) -> None:
 
 @pytest.mark.parametrize("layer, neuron", [(0, 96), (4, 0), (1, -1), (-1, 5)])
 def test_neuron_out_of_range(tiny_llama, layer: int, neuron: int) -> None:
-    """Indices outside 4 layers x 96 neurons are rejected, with or without a fingerprint in meta."""
-    fingerprint = get_adapter(tiny_llama).fingerprint()
-    with pytest.raises(CircuitMismatchError):
-        hand_circuit([0, layer], [1, neuron], meta={"fingerprint": fingerprint}).validate(tiny_llama)
-    with pytest.raises(CircuitMismatchError):
+    """Indices outside 4 layers x 96 neurons are rejected: on construction when the circuit's own fingerprint (or
+    the sign) rules them out, else when applied to the model."""
+    fingerprint = get_adapter(tiny_llama).architecture()
+    with pytest.raises(CNAError, match="out of range|negative"):
+        hand_circuit([0, layer], [1, neuron], meta={"fingerprint": fingerprint})
+    with pytest.raises(CircuitMismatchError if min(layer, neuron) >= 0 else CNAError):
         hand_circuit([0, layer], [1, neuron]).validate(tiny_llama)
 
 

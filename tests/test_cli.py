@@ -193,7 +193,7 @@ def test_sweep_writes_csv_and_plot(model_dir, circuit_file, prompt_files, tmp_pa
                    "--prompts", prompt_files[0], "--max-new-tokens", "4", "--out", out, "--plot", plot, "--quiet")
     assert code == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == "multiplier,prompt_index,prompt,output,quality,language"
+    assert lines[0] == "multiplier,prompt_index,prompt,output,behavior,quality,answer_ppl"
     assert len(lines) == 1 + 3 * len(POSITIVE)
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "=== multiplier 2" in capsys.readouterr().out

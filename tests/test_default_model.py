@@ -9,7 +9,7 @@ from tests.naive_reference import naive_discover
 def test_default_model_loads_with_expected_architecture(default_model):
     model, tokenizer = default_model
     adapter = cna_fast.get_adapter(model)
-    assert adapter.fingerprint() == {"model_type": "llama", "num_layers": 30, "d_ff": 1536}
+    assert adapter.architecture() == {"model_type": "llama", "num_layers": 30, "d_ff": 1536}
     assert adapter.num_neurons == 46_080
     assert tokenizer.chat_template and tokenizer.pad_token_id is not None
 

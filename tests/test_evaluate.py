@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cna_fast import discover
-from cna_fast.evaluate import (behavior_rate, capability_metrics, detect_language, is_refusal, language_rate,
-                               multiple_choice_accuracy, quality, refusal_rate, sweep)
+from cna_fast.evaluate import (behavior_rate, capability_metrics, compare_methods, detect_language, is_refusal,
+                               language_rate, multiple_choice_accuracy, quality, refusal_rate, sweep)
 from cna_fast.errors import CNAError
-from cna_fast.steering import caa, steer
+from cna_fast.steering import caa, generate, steer
 from tests.conftest import NEGATIVE, POSITIVE
 
 
@@ -62,9 +62,11 @@ NEUTRAL = ["the quick brown fox jumps over the lazy dog", "how do i bake bread a
 
 def test_kl_is_zero_at_multiplier_one_and_positive_when_steered(tiny_llama, tokenizer, circuit):
     base = capability_metrics(tiny_llama, tokenizer, NEUTRAL)
-    same = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"], lambda: steer(tiny_llama, circuit, 1.0))
+    same = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"],
+                              lambda: steer(tiny_llama, circuit, 1.0))
     assert same["kl"] == 0.0 and same["perplexity"] == base["perplexity"]
-    moved = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"], lambda: steer(tiny_llama, circuit, 4.0))
+    moved = capability_metrics(tiny_llama, tokenizer, NEUTRAL, base["_logprobs"],
+                               lambda: steer(tiny_llama, circuit, 4.0))
     assert moved["kl"] > 1e-6
 
 
@@ -84,7 +86,8 @@ def test_caa_alpha_zero_is_identity_and_direction_is_the_mlp_output_difference(t
             assert torch.equal(tiny_llama(**ids).logits, before)
     # Independent truth: mean MLP output at the last token, positive minus negative, from forward hooks.
     outputs: dict[int, list[torch.Tensor]] = {}
-    handles = [layer.mlp.register_forward_hook(lambda module, args, out, i=i: outputs.setdefault(i, []).append(out[0, -1]))
+    handles = [layer.mlp.register_forward_hook(
+                   lambda module, args, out, i=i: outputs.setdefault(i, []).append(out[0, -1]))
                for i, layer in enumerate(tiny_llama.model.layers)]
     try:
         means = []
@@ -107,7 +110,8 @@ def test_caa_adds_alpha_times_direction_to_the_mlp_output(tiny_llama, tokenizer,
     ids = tokenizer(["zebra stripes"], return_tensors="pt")
     captured = {}
     # Layer 0: its MLP input does not depend on any steered layer, so the output moves by exactly the shift.
-    handle = tiny_llama.model.layers[0].mlp.register_forward_hook(lambda m, a, out: captured.setdefault("x", out.clone()))
+    handle = tiny_llama.model.layers[0].mlp.register_forward_hook(
+        lambda m, a, out: captured.setdefault("x", out.clone()))
     try:
         with torch.no_grad():
             tiny_llama(**ids)
@@ -142,28 +146,85 @@ def test_multiple_choice_accuracy_equals_one_question_at_a_time(tiny_llama, toke
     assert multiple_choice_accuracy(tiny_llama, tokenizer, questions) == correct / 2
 
 
-def test_sweep_reports_every_method_and_strength(tiny_llama, tokenizer, circuit):
+QUESTIONS = [{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0}]
+
+
+def test_compare_methods_reports_every_method_and_strength(tiny_llama, tokenizer, circuit):
     prompts = ["zebra stripes", "the quick fox"]
-    result = sweep(tiny_llama, tokenizer, circuit, prompts, [0.0, 1.0, 3.0], behavior=lambda t: len(t) > 5,
-                   neutral=NEUTRAL, questions=[{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0}],
-                   max_new_tokens=4, progress=False)
+    judged = []
+    result = compare_methods(tiny_llama, tokenizer, circuit, prompts, [0.0, 1.0, 3.0],
+                             behavior=lambda t: judged.append(t) or len(t) > 5, neutral=NEUTRAL, questions=QUESTIONS,
+                             max_new_tokens=4, progress=False)
     assert [(row["method"], row["strength"]) for row in result.metrics] == [
         (m, s) for m in ("cna", "caa", "random") for s in (0.0, 1.0, 3.0)]
+    assert len(judged) == 7 * len(prompts)  # strength 1 is generated and judged once, not once per method
     at_one = [row for row in result.metrics if row["strength"] == 1.0]
     assert all(row["kl"] == 0.0 for row in at_one)  # strength 1 is the unsteered model for every method
+    assert len({(row["perplexity"], row["mc_accuracy"], row["behavior_rate"]) for row in at_one}) == 1
     outputs = {(g["method"], g["strength"], g["prompt"]): g["output"] for g in result.generations}
-    assert len({outputs[(m, 1.0, "zebra stripes")] for m in ("cna", "caa", "random")}) == 1
+    unsteered = generate(tiny_llama, tokenizer, prompts, max_new_tokens=4, progress=False)
+    assert [outputs[("caa", 1.0, p)] for p in prompts] == unsteered
     assert any(row["kl"] > 0 for row in result.metrics if row["strength"] != 1.0)
-    assert "cna" in result.table()
+    assert all(row["answer_ppl"] > 1 for row in result.metrics)
+    assert "cna" in result.table() and "answer_ppl" in result.table()
 
 
-def test_sweep_bad_input(tiny_llama, tokenizer, circuit):
+def test_compare_methods_passes_generation_settings_on(tiny_llama, tokenizer, circuit):
+    prompts = ["zebra stripes", "how do i bake bread"]
+    for settings in ({"positions": "generated"}, {"chat_template": False}):
+        result = compare_methods(tiny_llama, tokenizer, circuit, prompts, [0.0], methods=["cna"], capability=False,
+                                 max_new_tokens=5, progress=False, **settings)
+        expected = generate(tiny_llama, tokenizer, prompts, circuits=circuit, multiplier=0.0, max_new_tokens=5,
+                            progress=False, **settings)
+        assert [g["output"] for g in result.generations] == expected
+    torch.manual_seed(5)
+    sampled = compare_methods(tiny_llama, tokenizer, circuit, prompts, [1.0], methods=["cna"], capability=False,
+                              max_new_tokens=5, progress=False, do_sample=True, temperature=3.0)
+    torch.manual_seed(5)
+    expected = generate(tiny_llama, tokenizer, prompts, max_new_tokens=5, progress=False, do_sample=True,
+                        temperature=3.0)
+    assert [g["output"] for g in sampled.generations] == expected
+
+
+def test_compare_methods_can_skip_the_capability_pass(tiny_llama, tokenizer, circuit):
+    result = compare_methods(tiny_llama, tokenizer, circuit, ["zebra"], [0.0, 2.0], methods=["cna"],
+                             capability=False, max_new_tokens=3, progress=False)
+    assert all(row["kl"] is None and row["perplexity"] is None and row["mc_accuracy"] is None
+               for row in result.metrics)
+    assert " - " in result.table()
+
+
+def test_capability_metrics_in_batches_equal_one_batch(tiny_llama, tokenizer, circuit):
+    texts = NEUTRAL + ["zebra zebra stripes on the savanna", "write a python function that sorts a list"]
+    whole = capability_metrics(tiny_llama, tokenizer, texts, batch_size=len(texts))
+    chunked = capability_metrics(tiny_llama, tokenizer, texts, batch_size=1)
+    assert chunked["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+
+    def steered_kl(base, size):
+        context = lambda: steer(tiny_llama, circuit, 3.0)  # noqa: E731
+        return capability_metrics(tiny_llama, tokenizer, texts, base["_logprobs"], context, batch_size=size)["kl"]
+
+    steered = [steered_kl(whole, len(texts)), steered_kl(chunked, 1)]
+    assert steered[0] == pytest.approx(steered[1], rel=1e-3) and steered[0] > 0  # float32 sums in another order
+    questions = [{"question": f"question {i}", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(5)]
+    assert multiple_choice_accuracy(tiny_llama, tokenizer, questions, batch_size=2) == \
+        multiple_choice_accuracy(tiny_llama, tokenizer, questions, batch_size=5)
+
+
+def test_sweep_is_a_deprecated_alias(tiny_llama, tokenizer, circuit):
+    with pytest.warns(DeprecationWarning, match="compare_methods"):
+        result = sweep(tiny_llama, tokenizer, circuit, ["zebra"], [0.0], methods=["cna"], capability=False,
+                       max_new_tokens=2, progress=False)
+    assert [row["method"] for row in result.metrics] == ["cna"]
+
+
+def test_compare_methods_bad_input(tiny_llama, tokenizer, circuit):
     with pytest.raises(CNAError, match="unknown methods"):
-        sweep(tiny_llama, tokenizer, circuit, ["a"], methods=["lora"], progress=False)
+        compare_methods(tiny_llama, tokenizer, circuit, ["a"], methods=["lora"], progress=False)
     with pytest.raises(CNAError, match="unknown behavior"):
-        sweep(tiny_llama, tokenizer, circuit, ["a"], behavior="sarcasm", progress=False)
+        compare_methods(tiny_llama, tokenizer, circuit, ["a"], behavior="sarcasm", progress=False)
     with pytest.raises(CNAError, match="finite"):
-        sweep(tiny_llama, tokenizer, circuit, ["a"], [float("nan")], progress=False)
+        compare_methods(tiny_llama, tokenizer, circuit, ["a"], [float("nan")], progress=False)
 
 
 def test_benchmark_loader_offline_is_a_clear_error(monkeypatch):

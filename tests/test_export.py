@@ -48,7 +48,7 @@ def make_circuit(model: nn.Module, layers: Sequence[int] = CIRCUIT_LAYERS,
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
     return Circuit(layers=list(layers), neurons=list(neurons), scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n),
-                   meta={"fingerprint": get_adapter(model).fingerprint(), "note": "export test"})
+                   meta={"fingerprint": get_adapter(model).architecture(), "note": "export test"})
 
 
 def token_ids(rows: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
@@ -186,6 +186,11 @@ def test_non_empty_folder_needs_force(kind: str, tmp_path: Path) -> None:
     assert folder_contents(out) == contents
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
+    with pytest.raises(CNAError, match="not a cna_fast export"):
+        export(model, circuit, 0.0, out, force=True)  # force replaces only a previous export
+    assert folder_contents(out) == contents
+
+    (out / "cna_fast_steering.json").write_text("{}")  # now it is (marked as) a previous export
     export(model, circuit, 0.0, out, force=True)
     names = {p.name for p in out.iterdir()}
     assert "keep.txt" not in names and "sub" not in names  # replaced, not merged
@@ -214,9 +219,8 @@ def test_bad_destinations_and_multipliers_raise(kind: str, tmp_path: Path) -> No
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(CNAError):
             export(model, circuit, bad, tmp_path / "out")
-    wrong = make_circuit(model, [0, 2], [3, 96])  # neuron index == width
     with pytest.raises(CNAError):
-        export(model, wrong, 0.0, tmp_path / "out")
+        export(model, make_circuit(model, [0, 2], [3, 96]), 0.0, tmp_path / "out")  # neuron index == width
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created, no staging folders
 
 
@@ -233,9 +237,9 @@ def test_failure_while_writing_leaves_no_staging_folder(tmp_path: Path) -> None:
         export_folded(model, make_circuit(model), 0.0, tmp_path / "out", tokenizer=BrokenTokenizer())
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
+    (tmp_path / "out" / "cna_fast_steering.json").write_text("{}")  # a previous export
     with pytest.raises(OSError, match="disk full"):
         export_folded(model, make_circuit(model), 0.0, tmp_path / "out", tokenizer=BrokenTokenizer(), force=True)
-    assert folder_contents(tmp_path / "out") == {"old.txt": b"old"}  # a failed forced export keeps the old folder
+    assert folder_contents(tmp_path / "out") == {"cna_fast_steering.json": b"{}"}  # a failed forced export keeps it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert_state_identical(model, before)

@@ -54,7 +54,7 @@ def make_circuit(model: nn.Module, layers: Sequence[int], neurons: Sequence[int]
     """A circuit at the given positions, dummy statistics, the model's fingerprint in meta."""
     n = len(layers)
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
-    meta = {"fingerprint": fingerprint if fingerprint is not None else get_adapter(model).fingerprint()}
+    meta = {"fingerprint": fingerprint if fingerprint is not None else get_adapter(model).architecture()}
     return Circuit(layers=list(layers), neurons=list(neurons), scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n), meta=meta)
 
@@ -407,7 +407,7 @@ def expect_error(model: nn.Module, build: Callable[[], object], error: type[Exce
 
 def test_circuit_that_does_not_fit_raises_mismatch() -> None:
     model = new_model("llama")
-    fingerprint = get_adapter(model).fingerprint()
+    fingerprint = get_adapter(model).architecture()
     expect_error(model, lambda: steer(model, make_circuit(model, [0, 1], [3, D_FF]), 0.0), CircuitMismatchError)
     expect_error(model, lambda: steer(model, make_circuit(model, [0, N_LAYERS], [3, 4]), 0.0), CircuitMismatchError)
     other = {"model_type": "llama", "num_layers": 30, "d_ff": 1536}  # SmolLM2-135M's fingerprint
@@ -425,9 +425,9 @@ def test_non_finite_multipliers_raise() -> None:
     model = new_model("llama")
     a, b = default_circuit(model), make_circuit(model, [2], [4])
     for bad in (float("nan"), float("inf"), -float("inf")):
-        expect_error(model, lambda: steer(model, a, bad))
-        expect_error(model, lambda: steer(model, [a, b], multipliers=[1.0, bad]))
-        expect_error(model, lambda: steer(model, [a, b], multipliers=torch.tensor([[1.0, 1.0], [bad, 0.0]])))
+        expect_error(model, lambda bad=bad: steer(model, a, bad))
+        expect_error(model, lambda bad=bad: steer(model, [a, b], multipliers=[1.0, bad]))
+        expect_error(model, lambda bad=bad: steer(model, [a, b], multipliers=torch.tensor([[1.0, 1.0], [bad, 0.0]])))
 
 
 def test_multipliers_of_wrong_shape_raise() -> None:
@@ -435,7 +435,7 @@ def test_multipliers_of_wrong_shape_raise() -> None:
     a, b = default_circuit(model), make_circuit(model, [2], [4])
     for shape_bad in ([1.0, 2.0, 3.0], [1.0], torch.ones(2, 3), torch.ones(3, 1), torch.ones(2, 2, 2),
                       torch.ones(0, 2), torch.tensor(1.0)):
-        expect_error(model, lambda: steer(model, [a, b], multipliers=shape_bad))
+        expect_error(model, lambda shape_bad=shape_bad: steer(model, [a, b], multipliers=shape_bad))
 
 
 def test_per_row_rows_must_match_batch_at_forward_time() -> None:

@@ -1,5 +1,6 @@
 """Model loading and architecture adapters."""
 from .adapters import ARCHITECTURES, ArchSpec, ModelAdapter, get_adapter
+from .gguf_files import gguf_source
 from .loading import DEFAULT_MODEL_NAME, cache_dir, default_model_dir, load_model, model_name
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "cache_dir",
     "default_model_dir",
     "get_adapter",
+    "gguf_source",
     "load_model",
     "model_name",
 ]

@@ -131,13 +131,23 @@ class ModelAdapter:
         return next(self.down_projs[layer].parameters()).device
 
     def architecture(self) -> dict[str, Any]:
-        """What a circuit must agree with to be applied to this model: model type, layer count, widths."""
+        """What a circuit must agree with to be applied to this model: model type, layer count, widths,
+        hidden size, and a small sample of the down-projection weights (tells a base model from its fine-tune)."""
+        from .content import weight_sample
+
         uniform = len(set(self.widths)) == 1
-        return {
+        fingerprint = {
             "model_type": self.model_type,
             "num_layers": self.num_layers,
             "d_ff": self.widths[0] if uniform else list(self.widths),
         }
+        d_model = getattr(self.down_projs[0], "out_features", None) or getattr(self.down_projs[0], "nf", None)
+        if d_model is not None:
+            fingerprint["d_model"] = int(d_model)
+        weights = weight_sample(self.down_projs)
+        if weights is not None:
+            fingerprint["weights"] = weights  # content: tells a base model from its fine-tune
+        return fingerprint
 
 
 def _deprecated_fingerprint(self: ModelAdapter) -> dict[str, Any]:

@@ -1,16 +1,15 @@
-"""Load a model and tokenizer: the embedded default, a local folder or a hub id."""
+"""Load a model and tokenizer: the embedded default, a local folder, a GGUF file or a hub id."""
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CNAError
+from .gguf_files import converted_dir, looks_like_gguf, record_gguf_source
 
 logger = logging.getLogger(__name__)
 
@@ -43,45 +42,12 @@ def _default_gguf_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    """A Hugging Face folder of the embedded default model, converted from GGUF on first use.
+    """A Hugging Face folder of the embedded default model, converted from its GGUF on first use.
 
-    Loading the GGUF dequantizes every tensor (about 20 s); the converted folder loads in under a
-    second. The conversion writes to a temporary folder and renames it, so a crash or a
-    concurrent process never leaves a half-written model behind.
+    Loading the GGUF dequantizes every tensor (about 20 s); the converted folder, cached by the
+    file's content like any GGUF (see `gguf_files.converted_dir`), loads in under a second.
     """
-    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-hf"
-    if (target / "config.json").is_file():
-        return target
-    gguf_path = _default_gguf_path()
-    if importlib.util.find_spec("gguf") is None:
-        raise CNAError(f"converting the default model needs the gguf package: {_INSTALL_HINT}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    logger.warning("converting %s from GGUF to a cached Hugging Face folder (once): %s", DEFAULT_MODEL_NAME, target)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race with another converter
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target
+    return converted_dir(_default_gguf_path())
 
 
 def _resolve_attn_implementation(requested: str | None) -> str | None:
@@ -138,7 +104,8 @@ def load_model(
 ):
     """Load `(model, tokenizer)` in eval mode.
 
-    name: None for the embedded default (SmolLM2-135M-Instruct), a local folder, or a hub id.
+    name: None for the embedded default (SmolLM2-135M-Instruct), a local folder, a GGUF file (converted once
+        into the cache, keyed by its content), or a hub id.
     dtype: compute dtype; None picks bfloat16 with CUDA and float32 without.
     device_map: passed to transformers (e.g. "auto" to shard across GPUs).
     quantization: "8bit", "4bit" (nf4) or "fp4" through bitsandbytes.
@@ -147,13 +114,18 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_file = _default_gguf_path() if name is None else None
     if name is None:
-        source = str(default_model_dir())
+        source = str(converted_dir(gguf_file))
+    elif looks_like_gguf(os.path.expanduser(str(name))):
+        gguf_file = Path(os.path.expanduser(str(name)))
+        source = str(converted_dir(gguf_file))
     else:
         source = str(name)
         if not os.path.isdir(os.path.expanduser(source)) and (os.path.exists(source) or _looks_like_path(source)):
             raise CNAError(
-                f"model path {source!r} does not exist or is not a folder: pass a Hugging Face model folder or hub id"
+                f"model path {source!r} does not exist or is not a folder: pass a Hugging Face model folder, "
+                "a .gguf file or a hub id"
             )
         source = os.path.expanduser(source)
     compute_dtype = _resolve_dtype(dtype)
@@ -178,6 +150,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.cna_fast_name = str(name) if name is not None else DEFAULT_MODEL_NAME
+    if gguf_file is not None:
+        record_gguf_source(model, gguf_file)
     return model, tokenizer
 
 

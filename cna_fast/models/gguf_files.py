@@ -1,0 +1,229 @@
+"""GGUF files in: convert once into a cached Hugging Face folder keyed by the file's content.
+
+transformers reads GGUF by dequantizing every tensor (slow: about 20 s for 135M parameters), so a
+GGUF is converted once into a normal Hugging Face folder under the cache, named by the SHA-256 of
+the file's bytes: a changed file gets a new folder, never a stale one. The digest itself is
+memoized by (path, size, mtime, ctime, inode), so a big file is hashed once, not on every load.
+The embedded default model and user GGUFs share this path. A loaded model remembers which GGUF it
+came from (`gguf_source`), so the GGUF export can copy that file with the circuit folded in.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CNAError
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+_INSTALL_HINT = "pip install gguf"
+_DIGESTS_FILE = "gguf-digests.json"
+_SOURCE_FILE = "cna_fast_gguf_source.json"
+_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """The GGUF file a model was loaded from, and the SHA-256 of its bytes at load time."""
+
+    path: Path
+    sha256: str
+
+
+def _cache_dir() -> Path:
+    from .loading import cache_dir
+
+    return cache_dir()
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """True for an existing file that starts with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def looks_like_gguf(name: str | os.PathLike) -> bool:
+    """A name meant as a GGUF file: it ends in .gguf, or it is a file that starts with the GGUF magic."""
+    return str(name).lower().endswith(".gguf") or (os.path.isfile(name) and is_gguf_file(name))
+
+
+def _stat_key(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+
+
+def _read_digests(memo: Path) -> dict:
+    try:
+        return json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes, read in chunks; memoized per (path, size, mtime, ctime, inode) in the cache."""
+    path = Path(path).resolve()
+    key = _stat_key(path)
+    memo = _cache_dir() / _DIGESTS_FILE
+    digests = _read_digests(memo)
+    known = digests.get(str(path))
+    if known and all(known.get(field) == value for field, value in key.items()):
+        return known["sha256"]
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            hasher.update(chunk)
+    digest = hasher.hexdigest()
+    if _stat_key(path) != key:
+        raise CNAError(f"{str(path)!r} changed while it was being read: wait until it is fully written, then retry")
+    digests = _read_digests(memo)  # another process may have added entries meanwhile
+    digests[str(path)] = {**key, "sha256": digest}
+    try:
+        from .._io import write_text_atomic
+
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, json.dumps(digests, indent=1))
+    except OSError as error:  # a read-only cache only costs a re-hash next time
+        logger.warning("could not record the GGUF digest in %s: %s", memo, error)
+    return digest
+
+
+def _check_is_gguf(path: Path) -> None:
+    """Cheap checks (no parsing): the file exists and starts with the GGUF magic."""
+    if not path.is_file():
+        raise CNAError(f"GGUF file {str(path)!r} does not exist: check the path")
+    if not is_gguf_file(path):
+        raise CNAError(f"{str(path)!r} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file "
+                       "or a Hugging Face model folder")
+
+
+def _open_reader(path: Path):
+    """A GGUFReader on `path`, or a CNAError naming what is wrong with the file."""
+    if importlib.util.find_spec("gguf") is None:
+        raise CNAError(f"reading GGUF files needs the gguf package: {_INSTALL_HINT}")
+    from gguf import GGUFReader
+
+    _check_is_gguf(path)
+    try:
+        return GGUFReader(path)
+    except Exception as error:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
+        raise CNAError(f"GGUF file {str(path)!r} is corrupt or truncated ({type(error).__name__}: {error}): "
+                       "download it again") from error
+
+
+def _plain(architecture: str) -> str:
+    """llama.cpp spells "qwen2moe" what transformers spells "qwen2_moe"."""
+    return architecture.replace("_", "").replace("-", "")
+
+
+def _readable_architectures() -> set[str]:
+    """GGUF architectures this transformers reads: its legacy loader's and its newer loader's."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    names = set(GGUF_SUPPORTED_ARCHITECTURES)
+    try:
+        from transformers.integrations.gguf import GGUF_ARCHS
+
+        names |= set(GGUF_ARCHS)
+    except ImportError:
+        pass
+    return names
+
+
+def _check_supported(path: Path) -> None:
+    """Refuse split files and architectures transformers cannot read, before any conversion work."""
+    reader = _open_reader(path)
+    split = reader.fields.get("split.count")
+    if split is not None and int(split.contents()) > 1:
+        raise CNAError(f"{str(path)!r} is one part of a split GGUF: merge the parts first with llama.cpp's "
+                       "`llama-gguf-split --merge FIRST_PART merged.gguf`")
+    field = reader.fields.get("general.architecture")
+    architecture = field.contents() if field is not None else None
+    if architecture is None:
+        raise CNAError(f"GGUF file {str(path)!r} has no general.architecture key: it is not a model file")
+    readable = _readable_architectures()
+    if _plain(architecture) not in {_plain(known) for known in readable}:
+        raise CNAError(f"GGUF architecture {architecture!r} of {str(path)!r} cannot be read by transformers (it reads "
+                       f"{', '.join(sorted(readable))}): use the model's Hugging Face folder")
+
+
+def _convert(path: Path, staging: Path) -> None:
+    """Dequantize the GGUF through transformers and save model and tokenizer as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError) as error:
+        raise CNAError(f"transformers could not convert GGUF {str(path)!r}: {error}. Use the model's Hugging Face "
+                       "folder instead") from error
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the weights are dequantized float32 now
+        del config.quantization_config
+    with torch.device("meta"):  # transformers will not save a GGUF model: a plain one takes its tensors, no copy
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        plain.load_state_dict(model.state_dict(), assign=True)
+    except RuntimeError as error:  # weights transformers keeps in GGUF blocks do not fit a plain model
+        raise CNAError(f"GGUF {str(path)!r} could not be converted to plain weights ({error}): use the model's "
+                       "Hugging Face folder instead") from error
+    plain.generation_config = model.generation_config
+    del model
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def converted_dir(path: str | os.PathLike) -> Path:
+    """The cached Hugging Face folder of GGUF file `path`, converted on first use.
+
+    The folder is named by the file's SHA-256, written to a temporary folder and renamed into
+    place, so a crash or a concurrent process never leaves a half-written model behind.
+    """
+    path = Path(path).expanduser()
+    _check_is_gguf(path)
+    digest = file_digest(path)
+    target = _cache_dir() / f"gguf-{digest[:32]}"
+    if (target / "config.json").is_file():  # converted before: these bytes were read successfully then
+        return target
+    _check_supported(path)  # parses the metadata (seconds for a big vocabulary), so only before converting
+    logger.warning("converting %s from GGUF to a cached Hugging Face folder (once): %s", path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert(path, staging)
+        (staging / _SOURCE_FILE).write_text(json.dumps({"gguf_file": path.name, "sha256": digest}, indent=2))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race with another converter
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def record_gguf_source(model, path: str | os.PathLike) -> None:
+    """Remember on `model` the GGUF file it was converted from (read by `gguf_source`)."""
+    path = Path(path).expanduser().resolve()
+    model.cna_fast_gguf = GGUFSource(path=path, sha256=file_digest(path))
+
+
+def gguf_source(model) -> Path | None:
+    """The GGUF file `model` was loaded from (`load_model("x.gguf")` or the embedded default), else None."""
+    source = getattr(model, "cna_fast_gguf", None)
+    return source.path if source is not None else None
