@@ -285,6 +285,8 @@ class Capturer:
     settings: a CaptureSettings, or keyword options that build one (layers, reduction, ...).
     """
 
+    recorder_type = _Recorder  # MoE models record ordinary neurons their own way (moe_capture.py)
+
     def __init__(self, model: nn.Module, tokenizer, settings: CaptureSettings | None = None, *,
                  progress: bool = True, **options) -> None:
         self.settings = CaptureSettings.build(settings, **options)
@@ -323,7 +325,7 @@ class Capturer:
             raise CNAError(f"the checkpoint covers {consumed} prompts but the inputs have fewer")
         seen, since_save = consumed, 0
         self.limit.truncated = 0
-        recorder = _Recorder(self.adapter, self.layers, self.settings.reduction, record=accumulator.records)
+        recorder = self.recorder_type(self.adapter, self.layers, self.settings.reduction, record=accumulator.records)
         bar = tqdm(total=total, initial=consumed, desc="capture", unit="prompt", disable=not self.progress)
         with torch.inference_mode(), eval_mode(self.model), HookSet() as hooks:
             recorder.install(hooks)
@@ -437,7 +439,10 @@ def capture_contrast(model: nn.Module, tokenizer, positive: Iterable[str], negat
     """
     _check_prompt_set(positive, "positive")
     _check_prompt_set(negative, "negative")
-    capturer = Capturer(model, tokenizer, settings, progress=progress, **options)
+    from .moe_capture import capturer_class
+
+    settings = CaptureSettings.build(settings, **options)
+    capturer = capturer_class(model, settings)(model, tokenizer, settings, progress=progress)
     total = None
     if hasattr(positive, "__len__") and hasattr(negative, "__len__"):
         total = len(positive) + len(negative)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CNAError
+from .moe_stats import MoEStats, load_any_stats
 from .stats import NeuronStats
 
 
@@ -35,11 +36,11 @@ class Checkpoint:
         return Checkpoint(self.path.with_name(f"{self.path.name}.rank{rank}"), self.every,
                           {**self.identity, "rank": rank, "world": world}, self.resume)
 
-    def restore(self) -> tuple[NeuronStats, int] | None:
+    def restore(self) -> tuple[NeuronStats | MoEStats, int] | None:
         """The saved statistics and how many prompts they cover, when resuming from an existing checkpoint."""
         if not self.resume or not self.path.exists():
             return None
-        stats = NeuronStats.load(self.path)
+        stats = load_any_stats(self.path)
         saved = stats.meta.get("identity")
         if saved != self.identity:
             changed = sorted(key for key in set(saved or {}) | set(self.identity)
@@ -53,6 +54,6 @@ class Checkpoint:
                            "count): delete it and start over without --resume")
         return stats, consumed
 
-    def save(self, stats: NeuronStats, consumed: int) -> None:
+    def save(self, stats: NeuronStats | MoEStats, consumed: int) -> None:
         stats.meta = {"identity": self.identity, "consumed": consumed}
         stats.save(self.path)

@@ -30,6 +30,8 @@ _PER_NEURON = validation.PER_NEURON
 class Circuit:
     """Neurons `(layers[i], neurons[i])`, ranked by |score|, with per-neuron statistics.
 
+    experts: on mixture-of-experts models, the routed expert of each neuron, or -1 for an
+    ordinary neuron (dense layer or shared expert); None for circuits of dense models.
     deltas: mean(positive) - mean(negative); scores: the ranking score (delta, Welch t or Cohen's d).
     meta: model name, architecture fingerprint, scoring settings, prompt counts.
     """
@@ -45,6 +47,7 @@ class Circuit:
     meta: dict[str, Any] = field(default_factory=dict)
     caa_layers: torch.Tensor | None = None
     caa_directions: torch.Tensor | None = None
+    experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.meta, dict):
@@ -54,10 +57,17 @@ class Circuit:
         size = self.layers.numel()
         if self.neurons.shape != (size,):
             raise CNAError(f"circuit has {size} layer entries but {self.neurons.numel()} neuron entries")
+        if self.experts is not None:
+            self.experts = torch.as_tensor(self.experts, dtype=torch.int64).cpu()
+            if self.experts.shape != (size,):
+                raise CNAError(f"circuit has {size} layer entries but {self.experts.numel()} expert entries")
         for name in _PER_NEURON:
             setattr(self, name, validation.float_tensor(name, getattr(self, name), size))
         fingerprint = self.meta.get("fingerprint") or {}
-        validation.check_neurons(self.layers, self.neurons, fingerprint)
+        ordinary = ~self.routed
+        validation.check_neurons(self.layers[ordinary], self.neurons[ordinary], fingerprint)
+        if self.routed.any():
+            _check_routed_unique(self)
         validation.check_scores(self)
         if (self.caa_layers is None) != (self.caa_directions is None):
             raise CNAError("caa_layers and caa_directions come together")
@@ -79,10 +89,24 @@ class Circuit:
         warnings.warn("Circuit.fingerprint is deprecated: use Circuit.architecture", DeprecationWarning, stacklevel=2)
         return self.architecture
 
+    @property
+    def routed(self) -> torch.Tensor:
+        """Bool mask of the neurons that belong to a routed expert (all False for dense circuits)."""
+        return self.experts >= 0 if self.experts is not None else torch.zeros(len(self), dtype=torch.bool)
+
     def by_layer(self) -> dict[int, torch.Tensor]:
-        """Sorted neuron indices of each layer that has any."""
-        return {int(layer): torch.sort(self.neurons[self.layers == layer]).values
-                for layer in torch.unique(self.layers).tolist()}
+        """Sorted indices of the ordinary (not routed-expert) neurons of each layer that has any."""
+        ordinary = ~self.routed
+        layers, neurons = self.layers[ordinary], self.neurons[ordinary]
+        return {int(layer): torch.sort(neurons[layers == layer]).values for layer in torch.unique(layers).tolist()}
+
+    def by_expert(self) -> dict[tuple[int, int], torch.Tensor]:
+        """Sorted neuron indices of each (layer, expert) that has routed circuit neurons."""
+        routed = self.routed
+        pairs = torch.stack([self.layers[routed], self.experts[routed]], 1) if routed.any() else torch.empty(0, 2)
+        return {(int(layer), int(expert)): torch.sort(self.neurons[routed & (self.layers == layer)
+                                                                   & (self.experts == expert)]).values
+                for layer, expert in torch.unique(pairs.long(), dim=0).tolist()}
 
     def validate(self, model) -> None:
         """Raise CircuitMismatchError unless this circuit fits `model`'s layers and widths."""
@@ -102,7 +126,10 @@ class Circuit:
                 f"({mine.get('model_type')}), but this model has {num_layers} layers x {architecture['d_ff']} "
                 f"neurons ({architecture.get('model_type')}): discover a circuit on this model"
             )
-        for layer, neuron in zip(self.layers.tolist(), self.neurons.tolist()):
+        if self.routed.any():
+            _check_experts_fit(self, architecture)
+        ordinary = ~self.routed
+        for layer, neuron in zip(self.layers[ordinary].tolist(), self.neurons[ordinary].tolist()):
             if not 0 <= layer < num_layers or not 0 <= neuron < widths[layer]:
                 raise CircuitMismatchError(
                     f"circuit neuron (layer {layer}, index {neuron}) does not exist in this model "
@@ -135,37 +162,47 @@ class Circuit:
         for layer, count in enumerate(counts):
             if count:
                 lines.append(f"  layer {layer:3d} {count:4d} {'#' * max(1, round(30 * count / widest))}")
+        expert_header = f" {'expert':>6}" if self.experts is not None else ""
         lines += ["", f"top {min(top, len(self))} neurons (of {len(self)}):",
-                  f"  {'rank':>4} {'layer':>5} {'neuron':>6} {'score':>10} {'delta':>10} {'mean+':>10} {'mean-':>10}"]
+                  f"  {'rank':>4} {'layer':>5}{expert_header} {'neuron':>6} {'score':>10} {'delta':>10} {'mean+':>10} "
+                  f"{'mean-':>10}"]
         for record in self.records()[:top]:
             values = " ".join(_number(record[name]) for name in ("scores", "deltas", "mean_positive", "mean_negative"))
-            lines.append(f"  {record['rank']:4d} {record['layer']:5d} {record['neuron']:6d} {values}")
-        return "\n".join(lines)
+            expert = "" if "expert" not in record else f" {record['expert'] if record['expert'] >= 0 else '-':>6}"
+            lines.append(f"  {record['rank']:4d} {record['layer']:5d}{expert} {record['neuron']:6d} {values}")
+        return "\n".join(lines + routing_lines(self.meta.get("routing"), top))
 
     def random_like(self, seed: int = 0) -> "Circuit":
-        """A control circuit: as many neurons in each layer as this one, drawn at random among the others."""
-        width = self.architecture.get("d_ff")
-        if not isinstance(width, int):
-            raise CNAError("a random control circuit needs the circuit's recorded architecture (uniform d_ff)")
+        """A control circuit: as many neurons per layer (and expert) as this one, drawn at random among the others."""
+        d_ff = self.architecture.get("d_ff")
+        if d_ff is None:
+            raise CNAError("a random control circuit needs the circuit's recorded architecture (made by discover)")
+        groups = [(layer, -1, members, d_ff[layer] if isinstance(d_ff, list) else d_ff)
+                  for layer, members in self.by_layer().items()]
+        groups += [(layer, expert, members, self.architecture["experts"]["width"])
+                   for (layer, expert), members in self.by_expert().items()]
         generator = torch.Generator().manual_seed(seed)
-        layers, neurons = [], []
-        for layer, members in self.by_layer().items():
+        layers, experts, neurons = [], [], []
+        for layer, expert, members, width in groups:
             candidates = torch.ones(width, dtype=torch.bool)
             candidates[members] = False
             pool = candidates.nonzero().flatten()
             chosen = pool[torch.randperm(pool.numel(), generator=generator)[:members.numel()]]
             layers += [layer] * members.numel()
+            experts += [expert] * members.numel()
             neurons += chosen.tolist()
         nan = torch.full((len(layers),), float("nan"))
         meta = {**self.meta, "random_control": {"seed": seed}}
         return Circuit(layers=layers, neurons=neurons, scores=nan, deltas=nan, mean_positive=nan, mean_negative=nan,
-                       std_positive=nan, std_negative=nan, meta=meta)
+                       std_positive=nan, std_negative=nan, meta=meta,
+                       experts=experts if self.experts is not None else None)
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per neuron, in rank order."""
         columns = {name: getattr(self, name).tolist() for name in _PER_NEURON}
+        experts = self.experts.tolist() if self.experts is not None else None
         return [
-            {"rank": i + 1, "layer": layer, "neuron": neuron,
+            {"rank": i + 1, "layer": layer, **({"expert": experts[i]} if experts is not None else {}), "neuron": neuron,
              **{name: _finite_or_none(columns[name][i]) for name in _PER_NEURON}}
             for i, (layer, neuron) in enumerate(zip(self.layers.tolist(), self.neurons.tolist()))
         ]
@@ -174,6 +211,8 @@ class Circuit:
         """Write as safetensors (tensors + JSON metadata), atomically."""
         tensors = {"layers": self.layers.contiguous(), "neurons": self.neurons.contiguous()}
         tensors.update({name: getattr(self, name).contiguous() for name in _PER_NEURON})
+        if self.experts is not None:
+            tensors["experts"] = self.experts.contiguous()
         if self.caa_layers is not None:
             tensors.update(caa_layers=self.caa_layers.contiguous(), caa_directions=self.caa_directions.contiguous())
         with atomic_path(path) as tmp:
@@ -209,13 +248,62 @@ class Circuit:
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         """One row per neuron as CSV text; also written to `path` if given."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["rank", "layer", "neuron", *_PER_NEURON], lineterminator="\n")
+        expert = ["expert"] if self.experts is not None else []
+        writer = csv.DictWriter(buffer, fieldnames=["rank", "layer", *expert, "neuron", *_PER_NEURON],
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.records())
         text = buffer.getvalue()
         if path is not None:
             write_text_atomic(path, text)
         return text
+
+
+def routing_lines(routing: dict[str, Any] | None, top: int) -> list[str]:
+    """The experts whose routing frequency differs most between the sides, as report lines."""
+    if not routing:
+        return []
+    positive, negative = torch.tensor(routing["positive"]), torch.tensor(routing["negative"])  # [layers, experts]
+    gap = (positive - negative).abs().flatten()
+    order = torch.sort(gap, descending=True, stable=True).indices[:top]
+    experts = positive.shape[1]
+    lines = ["", f"routing frequency per {routing.get('unit', 'sample')} (experts that differ most between the sides):",
+             f"  {'layer':>5} {'expert':>6} {'positive':>9} {'negative':>9}"]
+    for flat in order.tolist():
+        row, expert = divmod(flat, experts)
+        lines.append(f"  {routing['layers'][row]:5d} {expert:6d} {100 * positive[row, expert]:8.1f}% "
+                     f"{100 * negative[row, expert]:8.1f}%")
+    return lines
+
+
+def _check_routed_unique(circuit: Circuit) -> None:
+    """Each routed (layer, expert, neuron) once."""
+    routed = circuit.routed
+    triples = torch.stack([circuit.layers[routed], circuit.experts[routed], circuit.neurons[routed]], 1)
+    if torch.unique(triples, dim=0).shape[0] != triples.shape[0]:
+        raise CNAError("circuit lists a routed neuron (layer, expert, index) more than once: each neuron may appear "
+                       "once")
+
+
+def _check_experts_fit(circuit: Circuit, architecture: dict[str, Any]) -> None:
+    """Raise CircuitMismatchError unless every routed neuron exists in a model of `architecture`."""
+    mine, theirs = circuit.architecture.get("experts"), architecture.get("experts")
+    if theirs is None:
+        raise CircuitMismatchError("this circuit has routed-expert neurons, but the model has no mixture-of-experts "
+                                   "layers: discover a circuit on this model")
+    if mine is not None and (mine.get("num_experts"), mine.get("width")) != (theirs["num_experts"], theirs["width"]):
+        raise CircuitMismatchError(
+            f"circuit was found on a model with {mine.get('num_experts')} experts x {mine.get('width')} neurons, but "
+            f"this model has {theirs['num_experts']} experts x {theirs['width']} neurons: discover a circuit on this "
+            "model")
+    routed = circuit.routed
+    for layer, expert, neuron in zip(circuit.layers[routed].tolist(), circuit.experts[routed].tolist(),
+                                     circuit.neurons[routed].tolist()):
+        if (layer not in theirs["layers"] or not 0 <= expert < theirs["num_experts"]
+                or not 0 <= neuron < theirs["width"]):
+            raise CircuitMismatchError(
+                f"circuit neuron (layer {layer}, expert {expert}, index {neuron}) does not exist in this model "
+                f"(MoE layers {theirs['layers']}, {theirs['num_experts']} experts x {theirs['width']} neurons)")
 
 
 def _check_content(circuit: Circuit, fingerprint: dict[str, Any]) -> None:

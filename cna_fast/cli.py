@@ -46,6 +46,9 @@ def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
     parser.add_argument("--universal-filter", action="store_true",
                         help="drop neurons that fire for everything (bundled diverse prompts)")
+    parser.add_argument("--moe-mode", choices=("effective", "conditional"), default="effective",
+                        help="mixture-of-experts models: routed-neuron statistics of router weight x activation "
+                             "(0 when not routed; default) or over routed tokens only")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -205,7 +208,8 @@ def _capture_settings(args):
         raise CNAError(f"--max-length must be at least 1, got {max_length}")
     return CaptureSettings(reduction=args.reduction, chat_template=False if args.no_chat_template else None,
                            batch_size=args.batch_size, max_length=max_length,
-                           on_long=getattr(args, "on_long", "truncate"))
+                           on_long=getattr(args, "on_long", "truncate"),
+                           moe_mode=getattr(args, "moe_mode", "effective"))
 
 
 def _discover(args, model_name: str | None, positive: list[str], negative: list[str], *,

@@ -18,6 +18,7 @@ from torch import nn
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
+from .models.moe import expert_columns, scale_expert_columns
 from .paths import EXPORT_MARKER as _STEERING_FILE
 from .paths import OutputFolder
 from .serving import check_lora_rank_for_vllm, check_vllm_adapter
@@ -100,6 +101,16 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     adapter = get_adapter(model)
     state = model.state_dict()
     names = {id(module): name for name, module in model.named_modules()}
+    copied: set[str] = set()
+    for (layer, expert), neurons in circuit.by_expert().items():
+        experts = adapter.experts(layer)
+        key = f"{names[id(experts)]}.down_proj"
+        if key not in state or not state[key].is_floating_point():
+            raise CNAError("a folded export needs full-precision expert weights; load the model unquantized")
+        if key not in copied:  # scaled copies only: the model in memory keeps its weights
+            state[key] = state[key].clone()
+            copied.add(key)
+        scale_expert_columns(state[key], experts.is_transposed, expert, neurons, multiplier)
     for layer, neurons in circuit.by_layer().items():
         down = adapter.neuron_site(layer)
         if _is_quantized(down):
@@ -122,12 +133,42 @@ def export_folded(model: nn.Module, circuit: Circuit, multiplier: float, out_dir
     return Path(out_dir)
 
 
+def _expert_lora(adapter, by_expert: dict[tuple[int, int], torch.Tensor], multiplier: float, rank: int,
+                 names: dict[int, str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """PEFT ParamWrapper tensors for the routed neurons, added to `tensors`; returns the target parameters.
+
+    Per expert e the update is the dense one (A_e one-hot rows, B_e = (m - 1) D_e[:, neurons]). PEFT
+    stores A as [r * E, width] with rows e * r + k, and B as [out, r * E] with columns k * E + e.
+    """
+    targets = []
+    for layer in sorted({layer for layer, _ in by_expert}):
+        experts = adapter.experts(layer)
+        count, width = adapter.num_experts, adapter.expert_width
+        out = experts.down_proj.shape[2] if experts.is_transposed else experts.down_proj.shape[1]
+        lora_a = torch.zeros(rank * count, width, dtype=torch.float32)
+        lora_b = torch.zeros(out, rank * count, dtype=torch.float32)
+        for (owner, expert), neurons in by_expert.items():
+            if owner != layer:
+                continue
+            slots = torch.arange(neurons.numel())
+            lora_a[expert * rank + slots, neurons] = 1.0
+            columns = expert_columns(experts, expert, neurons).float().cpu()  # [out, k]
+            lora_b[:, slots * count + expert] = (multiplier - 1.0) * columns
+        name = names[id(experts)]
+        targets.append(f"{name}.down_proj")
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+    return targets
+
+
 def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: str | os.PathLike, *,
                 force: bool = False, check_vllm: bool = True) -> Path:
     """Write a PEFT LoRA adapter on the down projections that applies the circuit at `multiplier`.
 
     Rank r is the largest number of circuit neurons in one layer (layers with fewer get zero
     padding), lora_alpha = r so the scaling is 1. Quantized bases use the dequantized weight.
+    Routed-expert neurons go into PEFT's LoRA on the 3-D expert down projections
+    (`target_parameters`, one rank-r update per expert; r also covers the most neurons of one expert).
     check_vllm: refuse a rank above vLLM's maximum (512) and check the written adapter the way
         vLLM's loader does (`cna_fast.serving.check_vllm_adapter`); False allows any rank (PEFT only).
     """
@@ -137,8 +178,11 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
     adapter = get_adapter(model)
-    by_layer = circuit.by_layer()
-    rank = max(neurons.numel() for neurons in by_layer.values())
+    by_layer, by_expert = circuit.by_layer(), circuit.by_expert()
+    rank = max(neurons.numel() for neurons in [*by_layer.values(), *by_expert.values()])
+    if by_expert and check_vllm:
+        raise CNAError("vLLM does not load LoRA on expert parameters: export routed-expert neurons with "
+                       "check_vllm=False (a PEFT adapter for PeftModel) or use the folded export")
     if check_vllm:
         check_lora_rank_for_vllm(rank)
     names = {id(module): name for name, module in model.named_modules()}
@@ -160,6 +204,7 @@ def export_lora(model: nn.Module, circuit: Circuit, multiplier: float, out_dir: 
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model_name(model),
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "target_modules": targets,
+        "target_parameters": _expert_lora(adapter, by_expert, multiplier, rank, names, tensors) or None,
         "fan_in_fan_out": conv1d, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None,
     }

@@ -25,6 +25,8 @@ from .checkpoint import Checkpoint
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter, model_name
+from .models.moe import MoEAdapter
+from .moe_attribution import attribute_moe
 from .settings import CaptureSettings, validate_layers
 from .stats import NEGATIVE, POSITIVE, NeuronStats
 
@@ -120,7 +122,10 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
     if settings.layers is None:
         raise CNAError("every layer is excluded: leave at least one layer to search")
     if top_k is not None:
-        resolve_top_k(top_k, top_frac, adapter.num_neurons, len(settings.layers) * adapter.d_ff)
+        resolve_top_k(top_k, top_frac, adapter.num_neurons, adapter.neurons_in(settings.layers))
+    moe = isinstance(adapter, MoEAdapter)
+    if moe and universal_filter is not False and universal_filter is not None:
+        raise CNAError("the universal-neuron filter does not cover mixture-of-experts models yet: run without it")
     saver = None
     if checkpoint is not None:
         saver = Checkpoint(checkpoint, checkpoint_every, run_identity(model, tokenizer, positive, negative, settings),
@@ -139,6 +144,9 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
         "cna_fast_version": _version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if moe:  # no CAA directions yet: the MoE output also depends on the routing
+        return attribute_moe(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
+                             total_neurons=adapter.num_neurons, meta=meta)
     circuit = attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
                         universal=universal, total_neurons=adapter.num_neurons, meta=meta)
     circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)

@@ -17,6 +17,7 @@ from .errors import CNAError
 
 REDUCTIONS = ("last", "all", "mean")
 DEFAULT_BATCH_SIZE = 32
+MOE_MODES = ("effective", "conditional")
 
 
 def validate_reduction(reduction: str) -> str:
@@ -53,6 +54,8 @@ class CaptureSettings:
     prefix_cache: run the chat template's shared prefix once and reuse its keys and values.
     max_length / on_long: prompts longer than max_length tokens (default: the model's context) are
         truncated, keeping the template prefix and the last tokens, or refused ("error").
+    moe_mode: mixture-of-experts models only: routed-neuron statistics of router weight x
+        activation, 0 when not routed ("effective"), or over routed samples only ("conditional").
     """
 
     layers: tuple[int, ...] | None = None
@@ -63,6 +66,7 @@ class CaptureSettings:
     prefix_cache: bool = True
     max_length: int | None = None
     on_long: str = "truncate"
+    moe_mode: str = "effective"
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -81,6 +85,9 @@ class CaptureSettings:
             raise CNAError(f"max_length must be a positive integer, got {self.max_length!r}")
         if self.on_long not in LONG_PROMPT_POLICIES:
             raise CNAError(f"unknown on_long {self.on_long!r}: choose truncate or error")
+        if self.moe_mode not in MOE_MODES:
+            raise CNAError(f"unknown moe_mode {self.moe_mode!r}: choose effective (router weight x activation, 0 when "
+                           "not routed) or conditional (routed samples only)")
 
     @classmethod
     def build(cls, settings: "CaptureSettings | None" = None, **options: Any) -> "CaptureSettings":

@@ -22,6 +22,8 @@ from .errors import CNAError
 from .hooks import HookSet
 from .models import get_adapter
 from .models.fused import fused_backend, patched_scale
+from .models.moe import MoEAdapter
+from .moe_steering import install_moe_steering
 
 POSITION_MODES = ("all", "prompt", "generated")
 
@@ -73,7 +75,8 @@ def _check_multipliers(multipliers: torch.Tensor, n_circuits: int) -> torch.Tens
 
 def circuit_key(circuit: Circuit) -> tuple:
     """Identity of a circuit's neuron set, to detect the same circuit applied twice."""
-    return tuple(sorted(zip(circuit.layers.tolist(), circuit.neurons.tolist())))
+    experts = circuit.experts if circuit.experts is not None else torch.full_like(circuit.layers, -1)
+    return tuple(sorted(zip(circuit.layers.tolist(), experts.tolist(), circuit.neurons.tolist())))
 
 
 class _LayerScale:
@@ -122,13 +125,18 @@ class Steering:
         self._prompt_length = 0  # tokens of the current forward's prompt (positions="prompt"/"generated")
         self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
         self._previous_ids: torch.Tensor | None = None
-        probe = next(adapter.neuron_site(next(iter(self.layer_scales))).parameters())
+        self._moe_rows = None  # MoE models: rows of the current forward (shared experts see tokens flattened)
+        probe = next(adapter.mlp(int(self.circuits[0].layers[0])).parameters())
         check_multiplier_fits(self.multipliers, probe.dtype)
-        # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel,
-        # unless positions are restricted or another fused steering already patches the MLPs.
-        self.fused = (positions == "all" and fused_backend(adapter, next(iter(self.layer_scales))) == "triton"
-                      and not any(other.fused for other in active))
+        # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel, unless positions
+        # are restricted, another fused steering already patches the MLPs, or the model is MoE (hooks only).
+        moe = isinstance(adapter, MoEAdapter)
+        backend = fused_backend(adapter, int(self.circuits[0].layers[0]))
+        self.fused = positions == "all" and backend == "triton" and not any(other.fused for other in active) and not moe
         with HookSet.building() as hooks:
+            if moe:
+                self._moe_rows = install_moe_steering(adapter, self.circuits, self.multipliers, hooks, backend,
+                                                      lambda: (self.positions, self._prompt_part))
             if self.fused:
                 self._enter_fused(model, hooks)
             else:
@@ -169,13 +177,14 @@ class Steering:
         """Merge all circuits per layer: a neuron in several circuits gets the product of their multipliers."""
         per_row = self.multipliers.dim() == 2
         layers: dict[int, _LayerScale] = {}
-        all_layers = torch.cat([circuit.layers for circuit in self.circuits]).unique().tolist()
+        all_layers = torch.cat([circuit.layers[~circuit.routed] for circuit in self.circuits]).unique().tolist()
         for layer in all_layers:
-            neurons = torch.cat([circuit.neurons[circuit.layers == layer] for circuit in self.circuits]).unique()
+            neurons = torch.cat([circuit.neurons[~circuit.routed & (circuit.layers == layer)]
+                                 for circuit in self.circuits]).unique()
             shape = (self.multipliers.shape[0], neurons.numel()) if per_row else (neurons.numel(),)
             scale = torch.ones(shape, dtype=torch.float32)
             for column, circuit in enumerate(self.circuits):
-                members = torch.isin(neurons, circuit.neurons[circuit.layers == layer])
+                members = torch.isin(neurons, circuit.neurons[~circuit.routed & (circuit.layers == layer)])
                 factor = self.multipliers[..., column]
                 scale[..., members] *= factor[:, None] if per_row else factor
             layers[layer] = _LayerScale(neurons, scale)
@@ -208,6 +217,7 @@ class Steering:
 
         def hook(module, args):
             hidden = args[0]
+            hidden = self._moe_rows.unflatten(hidden) if self._moe_rows is not None else hidden
             if self.positions == "prompt":
                 hidden = hidden[:, :self._prompt_part]
             elif self.positions == "generated":

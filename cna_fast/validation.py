@@ -18,6 +18,7 @@ MAX_WIDTH = 1 << 24  # the widest MLPs have ~10^5 neurons per layer
 INDEX_FIELDS = ("layers", "neurons")
 PER_NEURON = ("scores", "deltas", "mean_positive", "mean_negative", "std_positive", "std_negative")
 CAA_FIELDS = ("caa_layers", "caa_directions")
+OPTIONAL_FIELDS = (*CAA_FIELDS, "experts")  # experts: mixture-of-experts circuits only
 
 
 def index_tensor(name: str, value: Any) -> torch.Tensor:
@@ -139,7 +140,7 @@ def parse_header(header: Mapping[str, str], names: list[str], path: str, expecte
     if not isinstance(meta, dict):
         raise CNAError(f"circuit file {path!r} has metadata of type {type(meta).__name__}, expected an object")
     required = set(INDEX_FIELDS) | set(PER_NEURON)
-    missing, extra = sorted(required - set(names)), sorted(set(names) - required - set(CAA_FIELDS))
+    missing, extra = sorted(required - set(names)), sorted(set(names) - required - set(OPTIONAL_FIELDS))
     if missing or extra:
         raise CNAError(f"circuit file {path!r} is damaged: missing tensors {missing or 'none'}, unexpected tensors "
                        f"{extra or 'none'}")

@@ -161,7 +161,8 @@ def test_bogus_backend_exits_2_with_one_line_before_loading(model_dir, prompt_fi
 
 
 ALTERNATIVES = {"layers": (0, 1), "reduction": "mean", "chat_template": False, "batch_size": 7,
-                "padding_side": "left", "prefix_cache": False, "max_length": 99, "on_long": "error"}
+                "padding_side": "left", "prefix_cache": False, "max_length": 99, "on_long": "error",
+                "moe_mode": "conditional"}
 
 
 def test_checkpoint_identity_changes_with_every_capture_setting(tiny_llama, tokenizer):

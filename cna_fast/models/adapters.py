@@ -102,6 +102,10 @@ class ModelAdapter:
         """All MLP neurons of all layers together."""
         return sum(self.widths)
 
+    def neurons_in(self, layers) -> int:
+        """How many neurons the given layers hold together."""
+        return sum(self.widths[layer] for layer in layers)
+
     @property
     def d_ff(self) -> int:
         """Neurons per layer; raises if layers differ in width."""
@@ -156,9 +160,11 @@ ModelAdapter.fingerprint = _deprecated_fingerprint
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Adapter for `model`, built once and cached on the model object."""
+    """Adapter for `model` (an MoEAdapter for mixture-of-experts models), built once and cached on the model object."""
     adapter = getattr(model, "_cna_fast_adapter", None)
     if adapter is None:
-        adapter = ModelAdapter(model)
+        from .moe import MoEAdapter, is_moe_model
+
+        adapter = MoEAdapter(model) if is_moe_model(model) else ModelAdapter(model)
         object.__setattr__(model, "_cna_fast_adapter", adapter)
     return adapter

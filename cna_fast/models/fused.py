@@ -42,7 +42,7 @@ def check_backend_setting() -> None:
 def fused_backend(adapter: ModelAdapter, layer: int) -> str:
     """"triton" when `layer`'s MLP should run the fused kernels, else "torch" (hooks)."""
     try:
-        return backend_for(next(adapter.neuron_site(layer).parameters()))
+        return backend_for(next(adapter.mlp(layer).parameters()))
     except (ValueError, RuntimeError) as error:
         raise _backend_error(error) from None
 
