@@ -8,8 +8,8 @@ Two modes:
 
 Both modes record how many samples each expert was routed for, per side (routing frequency).
 Moments are exact to float64 rounding: each batch is reduced in float64 (sums and sums of
-squares of the float32 activations), then folded in with Chan's formula, per (expert, side) count. Memory is O(layers x experts x expert width), whatever the
-number of prompts.
+squares of the float32 activations), then folded in with Chan's formula, per (expert, side)
+count. Memory is O(layers x experts x expert width), whatever the number of prompts.
 """
 from __future__ import annotations
 

@@ -112,15 +112,8 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
         search circuits of every size without capturing again.
     """
     adapter = get_adapter(model)
-    settings = CaptureSettings.build(settings, **options)
     validate_score(score)
-    if isinstance(exclude_layers, (int, str, bytes)):
-        raise CNAError(f"exclude_layers must be a list of layer numbers like [0, 1], got {exclude_layers!r}")
-    excluded = validate_layers(exclude_layers, adapter.num_layers)
-    settings = CaptureSettings.build(settings, layers=tuple(layer for layer in settings.resolved_layers(
-        adapter.num_layers) if layer not in excluded) or None)
-    if settings.layers is None:
-        raise CNAError("every layer is excluded: leave at least one layer to search")
+    settings, excluded = _search_settings(adapter, CaptureSettings.build(settings, **options), exclude_layers)
     if top_k is not None:
         resolve_top_k(top_k, top_frac, adapter.num_neurons, adapter.neurons_in(settings.layers))
     moe = isinstance(adapter, MoEAdapter)
@@ -135,15 +128,7 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
     if save_stats is not None:
         _save_stats(stats, save_stats, model, tokenizer, settings, distributed)
     universal = _universal_mask(universal_filter, model, tokenizer, settings, progress)
-    meta = {
-        "model": model_name(model),
-        "fingerprint": adapter.architecture(),
-        "position": settings.reduction,
-        "chat_template": uses_chat_template(tokenizer, settings.chat_template),
-        "universal_filter": universal is not None,
-        "cna_fast_version": _version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = _provenance(model, tokenizer, settings, universal is not None)
     if moe:  # no CAA directions yet: the MoE output also depends on the routing
         return attribute_moe(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
                              total_neurons=adapter.num_neurons, meta=meta)
@@ -151,6 +136,30 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
                         universal=universal, total_neurons=adapter.num_neurons, meta=meta)
     circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)
     return circuit
+
+
+def _search_settings(adapter, settings: CaptureSettings, exclude_layers) -> tuple[CaptureSettings, list[int]]:
+    """The settings with the excluded layers left out of the captured ones, and the excluded layers."""
+    if isinstance(exclude_layers, (int, str, bytes)):
+        raise CNAError(f"exclude_layers must be a list of layer numbers like [0, 1], got {exclude_layers!r}")
+    excluded = validate_layers(exclude_layers, adapter.num_layers)
+    kept = tuple(layer for layer in settings.resolved_layers(adapter.num_layers) if layer not in excluded)
+    if not kept:
+        raise CNAError("every layer is excluded: leave at least one layer to search")
+    return CaptureSettings.build(settings, layers=kept), excluded
+
+
+def _provenance(model: nn.Module, tokenizer, settings: CaptureSettings, universal_filter: bool) -> dict:
+    """What a circuit records about where it came from."""
+    return {
+        "model": model_name(model),
+        "fingerprint": get_adapter(model).architecture(),
+        "position": settings.reduction,
+        "chat_template": uses_chat_template(tokenizer, settings.chat_template),
+        "universal_filter": universal_filter,
+        "cna_fast_version": _version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _save_stats(stats: NeuronStats, path: str | os.PathLike, model: nn.Module, tokenizer,

@@ -95,6 +95,15 @@ class _LayerScale:
         return self._on_device[key]
 
 
+def _check_rows(rows: int, args, kwargs) -> None:
+    """Refuse a forward whose batch does not have one row per row of the multiplier table."""
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
+    if inputs is not None and inputs.shape[0] != rows:
+        raise CNAError(f"per-row multipliers have {rows} rows but the batch has {inputs.shape[0]}: pass "
+                       "multipliers of shape [batch, n_circuits]")
+
+
 class Steering:
     """Active steering on a model; a context manager, or call `remove()` when done."""
 
@@ -158,20 +167,12 @@ class Steering:
         scales = {layer: (entry.neurons, entry.scale) for layer, entry in self.layer_scales.items()}
         if self.multipliers.dim() == 2:
             rows = self.multipliers.shape[0]
-            hooks.pre_hook(get_adapter(model).body, lambda module, args, kwargs: self._check_rows(rows, args, kwargs),
+            hooks.pre_hook(get_adapter(model).body, lambda module, args, kwargs: _check_rows(rows, args, kwargs),
                            with_kwargs=True)
             table = torch.arange(rows)
             hooks.enter(patched_scale(model, scales, table_index=lambda: table))
         else:
             hooks.enter(patched_scale(model, scales))
-
-    @staticmethod
-    def _check_rows(rows: int, args, kwargs) -> None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
-        if inputs is not None and inputs.shape[0] != rows:
-            raise CNAError(f"per-row multipliers have {rows} rows but the batch has {inputs.shape[0]}: pass "
-                           "multipliers of shape [batch, n_circuits]")
 
     def _layer_scales(self) -> dict[int, _LayerScale]:
         """Merge all circuits per layer: a neuron in several circuits gets the product of their multipliers."""
