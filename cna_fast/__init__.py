@@ -13,6 +13,7 @@ from .circuit import Circuit
 from .attribution import attribute, discover, score_neurons, select_neurons
 from .steering import caa, generate, steer
 from .export import export_folded, export_lora
+from .batch_job import generate_to_file
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "export_folded",
     "export_lora",
     "generate",
+    "generate_to_file",
     "get_adapter",
     "load_model",
     "read_prompts",

@@ -247,6 +247,15 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
     return Steering(model, circuits, multipliers, positions=positions, allow_stacking=allow_stacking)
 
 
+def __getattr__(name: str):
+    """`steering.generate_to_file` is the batch job (cna_fast.batch_job), imported on first use (it imports steering)."""
+    if name == "generate_to_file":
+        from .batch_job import generate_to_file
+
+        return generate_to_file
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
     return None if multipliers is None or multipliers.dim() == 1 else multipliers[rows]
 
