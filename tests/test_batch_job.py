@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def sharp_model(tokenizer) -> nn.Module:
-    """A tiny Llama with scaled-up matrices (at the default init every prompt generates the same text) whose
+def sharp_model(tokenizer, arch: str = "llama", **overrides) -> nn.Module:
+    """A tiny model with scaled-up matrices (at the default init every prompt generates the same text) whose
     end-of-sequence token is one it often generates mid-answer, so rows finish at different steps."""
-    model = build_tiny_model("llama", len(tokenizer))
+    model = build_tiny_model(arch, len(tokenizer), **overrides)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 2:
@@ -116,10 +116,16 @@ def model_and_tokenizer():
 # ----------------------------------------------------------------------------------------------- engine
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_continuous_batching_equals_generate_one_prompt_at_a_time(model_and_tokenizer, prompt_file, tmp_path,
+@pytest.mark.parametrize("arch, batch_size", [("llama", 1), ("llama", 3), ("llama", 8), ("gpt2", 4),
+                                               ("mistral-window", 4)])
+def test_continuous_batching_equals_generate_one_prompt_at_a_time(model_and_tokenizer, prompt_file, tmp_path, arch,
                                                                   batch_size):
+    """A sliding window (mistral-window) has cache layers that cannot be merged: refills wait for an empty batch."""
     model, tokenizer = model_and_tokenizer
+    if arch == "mistral-window":
+        model = sharp_model(tokenizer, "mistral", sliding_window=16)
+    elif arch != "llama":
+        model = sharp_model(tokenizer, arch)
     records = run_job(model, tokenizer, prompt_file, tmp_path / "out.jsonl", batch_size=batch_size)
     eos = set(model.generation_config.eos_token_id)
     assert len(records) == 2 * len(PROMPTS)
@@ -148,6 +154,21 @@ def test_multiplier_one_is_unsteered_and_any_multiplier_equals_folded_weights(mo
         assert {i: r["output"] for i, r in steered.items()} == {i: r["output"] for i, r in folded.items()}
         assert any(steered[i]["output"] != unsteered[i]["output"] for i in steered), "steering must change text"
         assert all(r["multiplier"] == multiplier and r["circuit"] == "circuit" for r in steered.values())
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_steered_positions_equal_generate_one_prompt_at_a_time(model_and_tokenizer, tmp_path, positions):
+    from cna_fast.steering import generate
+
+    model, tokenizer = model_and_tokenizer
+    circuit = wide_circuit(model)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    records = run_job(model, tokenizer, prompts, tmp_path / "out.jsonl", circuit=circuit, positions=positions,
+                      batch_size=4)
+    reference = generate(model, tokenizer, PROMPTS, circuit=circuit, multiplier=0.0, positions=positions,
+                         max_new_tokens=NEW_TOKENS, batch_size=1, progress=False)
+    assert [records[line]["output"] for line in range(1, len(PROMPTS) + 1)] == reference
 
 
 def test_per_record_circuit_and_multiplier_equal_separate_runs(model_and_tokenizer, tmp_path):

@@ -1,0 +1,69 @@
+"""The batch job on the embedded default model (float32): 512 prompts x up to 64 new tokens, greedy.
+
+- overhead: the continuous-batching engine steered (the 0.1% French circuit at multiplier 0) vs
+  unsteered (target: <= 3% slower);
+- engine: the continuous-batching engine vs today's static batches (`steering.generate`, the same
+  batch size, same circuit) in new tokens per second (target: >= 1.5x).
+
+Both engines stop a row at its end-of-sequence token, so "new tokens" are the tokens of the answers
+(the engine's count; greedy answers are the same in both). One round each: this is minutes of CPU.
+
+    python -m pytest benchmarks/test_batch_job.py --benchmark-json=benchmarks/results/batch_job.json
+"""
+import json
+import time
+
+import pytest
+import torch
+
+import cna_fast
+from cna_fast.batch_job import generate_to_file
+from cna_fast.prompts import bundled_prompts
+from cna_fast.steering import generate
+
+N_PROMPTS = 512
+NEW_TOKENS = 64
+BATCH_SIZE = 16
+_TOKENS: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model, tokenizer = cna_fast.load_model()
+    circuit = cna_fast.discover(model, tokenizer, bundled_prompts("french_questions"),
+                                bundled_prompts("english_questions"), progress=False)
+    pool = bundled_prompts("french_heldout") + bundled_prompts("english_questions")
+    prompts = [pool[i % len(pool)] for i in range(N_PROMPTS)]
+    path = tmp_path_factory.mktemp("batch") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts))
+    return model, tokenizer, circuit, prompts, path
+
+
+def _job(setup, steered: bool, batch_size: int) -> int:
+    model, tokenizer, circuit, _, path = setup
+    out = path.with_name(f"out-{steered}-{batch_size}-{time.monotonic_ns()}.jsonl")
+    summary = generate_to_file(model, tokenizer, path, out, circuit=circuit if steered else None, multiplier=0.0,
+                               max_new_tokens=NEW_TOKENS, batch_size=batch_size, progress=False)
+    return summary.new_tokens
+
+
+def _record(benchmark, tokens: int) -> None:
+    benchmark.extra_info["new_tokens"] = tokens
+    benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.mean
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+
+
+@pytest.mark.parametrize("steered", [False, True], ids=["unsteered", "steered"])
+def test_continuous_engine(benchmark, setup, steered):
+    tokens = benchmark.pedantic(lambda: _job(setup, steered, BATCH_SIZE), rounds=1, warmup_rounds=0)
+    _TOKENS["steered" if steered else "unsteered"] = tokens
+    _record(benchmark, tokens)
+
+
+def test_static_batches(benchmark, setup):
+    """Today's engine: length-sorted static batches through transformers' generate."""
+    model, tokenizer, circuit, prompts, _ = setup
+    benchmark.pedantic(lambda: generate(model, tokenizer, prompts, circuit=circuit, multiplier=0.0,
+                                        max_new_tokens=NEW_TOKENS, batch_size=BATCH_SIZE, progress=False),
+                       rounds=1, warmup_rounds=0)
+    _record(benchmark, _TOKENS.get("steered") or _job(setup, True, BATCH_SIZE))
