@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 SIZES = (1_000, 10_000)
-WORDS = "zebra bread rome fox savanna python photosynthesis capital france history salt flour water".split()
+WORDS = ["zebra", "bread", "rome", "fox", "savanna", "python", "photosynthesis", "capital", "france", "history",
+         "salt", "flour", "water"]
 
 
 def run_one(count: int) -> dict:

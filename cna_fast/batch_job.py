@@ -15,8 +15,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class _Circuits:
 def _record_id(record: PromptRecord) -> int | str:
     value = record.fields.get("id", record.line)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"id must be a string or an integer, got {value!r}")
+        raise TypeError(f"id must be a string or an integer, got {value!r}")
     return value
 
 
@@ -108,7 +108,7 @@ def job_records(source: PromptSource, circuits: _Circuits, bad: list[str]) -> It
             if record_id in seen:
                 raise ValueError(f"duplicate id {record_id!r} (ids must be unique to resume)")
             circuit, multiplier = _override(record, circuits)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             if not source.skip_bad:
                 raise CNAError(f"{source.spec}:{record.line}: {error} (fix the record, or pass --skip-bad / "
                                "skip_bad=True)") from None
@@ -204,8 +204,8 @@ def generate_to_file(model: nn.Module, tokenizer, prompts: str | os.PathLike | P
     batcher = ContinuousBatcher(model, circuits.distinct, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 eos_ids=_eos_ids(model, tokenizer), pad_id=pad_id, sampling=sampling,
                                 positions=positions)
-    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                   seed=seed, chat_template=chat_template, positions=positions)
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+               "seed": seed, "chat_template": chat_template, "positions": positions}
     output = JobOutput(out, _settings(model, source, circuits, options))
     summary, bad, started = JobSummary(resumed=len(output.done)), [], time.monotonic()
     try:

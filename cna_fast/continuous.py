@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
