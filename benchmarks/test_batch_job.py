@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
 def _job(setup, steered: bool, batch_size: int) -> int:
     model, tokenizer, circuit, _, path = setup
     out = path.with_name(f"out-{steered}-{batch_size}-{time.monotonic_ns()}.jsonl")
-    summary = generate_to_file(model, tokenizer, path, out, circuit=circuit if steered else None, multiplier=0.0,
+    summary = generate_to_file(model, tokenizer, path, out, circuits=circuit if steered else None, multiplier=0.0,
                                max_new_tokens=NEW_TOKENS, batch_size=batch_size, progress=False)
     return summary.new_tokens
 
@@ -67,7 +67,7 @@ def test_continuous_engine(benchmark, setup, steered):
 def test_static_batches(benchmark, setup):
     """Today's engine: length-sorted static batches through transformers' generate."""
     model, tokenizer, circuit, prompts, _ = setup
-    benchmark.pedantic(lambda: generate(model, tokenizer, prompts, circuit=circuit, multiplier=0.0,
+    benchmark.pedantic(lambda: generate(model, tokenizer, prompts, circuits=circuit, multiplier=0.0,
                                         max_new_tokens=NEW_TOKENS, batch_size=BATCH_SIZE, progress=False),
                        rounds=1, warmup_rounds=0)
     _record(benchmark, _TOKENS.get("steered") or _job(setup, True, BATCH_SIZE))

@@ -10,7 +10,9 @@ on the full sequences.
 import torch
 
 import cna_fast
-from cna_fast.capture import Capturer, encode_prompts, pad_batch
+from cna_fast import get_adapter
+from cna_fast.batching import encode_prompts, pad_batch, pad_token_id, plan_batches, shared_prefix
+from cna_fast.capture import SharedPrefix
 from tests.naive_reference import naive_discover
 
 BATCH_SIZE = 32  # the default: at most 32 prompts per forward pass
@@ -43,47 +45,41 @@ def test_naive_reference(benchmark, default_model, contrast_prompts):
 
 
 def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
-    """The batches cna_fast runs (length-sorted), as model-body inputs, plus a prefix-cache maker."""
-    capturer = Capturer(model, tokenizer, batch_size=BATCH_SIZE, prefix_cache=use_prefix, progress=False)
-    encoded = encode_prompts(tokenizer, prompts)
+    """The batches cna_fast runs (length-sorted), as model-body inputs, and the shared prefix (or None)."""
+    tokens = shared_prefix(tokenizer) if use_prefix else []
+    # Computing the prefix's keys/values once happens outside the timed region, as in cna_fast.
+    prefix = SharedPrefix(model, tokens, list(range(get_adapter(model).num_layers))) if tokens else None
+    pad_id = pad_token_id(tokenizer)
     batches = []
-    for sequences, labels, with_prefix in capturer._batches(encoded, [0] * len(encoded)):
-        offset = len(capturer.prefix) if with_prefix else 0
-        batch = pad_batch(sequences, labels, capturer.pad_id, "right", position_offset=offset)
-        mask = torch.cat([torch.ones(len(sequences), offset, dtype=torch.long), batch.attention_mask], dim=1)
-        batches.append((batch, mask, with_prefix))
-    return capturer, batches
+    for planned in plan_batches(encode_prompts(tokenizer, prompts), [0] * len(prompts), BATCH_SIZE, tokens):
+        offset = len(tokens) if planned.uses_prefix else 0
+        batch = pad_batch(planned.sequences, planned.labels, pad_id, "right", position_offset=offset)
+        mask = torch.cat([torch.ones(len(planned.sequences), offset, dtype=torch.long), batch.attention_mask], dim=1)
+        batches.append((batch, mask, planned.uses_prefix))
+    return prefix, batches
 
 
-def _run_floor(model, capturer, batches) -> None:
+def _run_floor(model, prefix, batches) -> None:
     body = model.base_model
     with torch.inference_mode():
         for batch, mask, with_prefix in batches:
-            cache = capturer._prefix_cache_for(batch.input_ids.shape[0]) if with_prefix else None
+            cache = prefix.cache_for(batch.input_ids.shape[0]) if with_prefix else None
             body(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                  past_key_values=cache, use_cache=cache is not None)
-
-
-def _prefix_kv(model, tokenizer, capturer) -> None:
-    """Compute the shared prefix's keys/values once, as cna_fast does, outside the timed region."""
-    from cna_fast.capture import _Recorder
-
-    with torch.inference_mode(), _Recorder(capturer.adapter, capturer.layers, "last") as recorder:
-        capturer._prepare_prefix(recorder)
 
 
 def test_floor_body_forward_prefix_cached(benchmark, default_model, contrast_prompts):
     model, tokenizer = default_model
     prompts = contrast_prompts[0] + contrast_prompts[1]
-    capturer, batches = _floor_batches(model, tokenizer, prompts, use_prefix=True)
-    _prefix_kv(model, tokenizer, capturer)
-    benchmark.pedantic(lambda: _run_floor(model, capturer, batches), rounds=ROUNDS, warmup_rounds=1)
+    with torch.inference_mode():
+        prefix, batches = _floor_batches(model, tokenizer, prompts, use_prefix=True)
+    benchmark.pedantic(lambda: _run_floor(model, prefix, batches), rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, len(prompts))
 
 
 def test_floor_body_forward_full_sequences(benchmark, default_model, contrast_prompts):
     model, tokenizer = default_model
     prompts = contrast_prompts[0] + contrast_prompts[1]
-    capturer, batches = _floor_batches(model, tokenizer, prompts, use_prefix=False)
-    benchmark.pedantic(lambda: _run_floor(model, capturer, batches), rounds=ROUNDS, warmup_rounds=1)
+    prefix, batches = _floor_batches(model, tokenizer, prompts, use_prefix=False)
+    benchmark.pedantic(lambda: _run_floor(model, prefix, batches), rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, len(prompts))

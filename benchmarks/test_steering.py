@@ -26,7 +26,7 @@ def setup():
 
 def _generate(setup, circuit: bool, batch_size: int) -> list[str]:
     model, tokenizer, found, prompts = setup
-    return generate(model, tokenizer, prompts, circuit=found if circuit else None, multiplier=0.0,
+    return generate(model, tokenizer, prompts, circuits=found if circuit else None, multiplier=0.0,
                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, batch_size=batch_size, progress=False)
 
 

@@ -2,16 +2,18 @@
 
 Find the few MLP neurons whose activations separate two prompt sets, then steer a model by scaling
 exactly those neurons. Data flows one way: prompts -> capture -> stats -> attribution -> circuit
--> steering -> evaluate; each stage is a module usable on its own.
+-> steering -> evaluate; each stage is a module usable on its own (docs/architecture.md).
 """
 from .errors import CircuitMismatchError, CNAError, UnsupportedArchitectureError
 from .models import get_adapter, load_model
 from .prompts import PromptSource, bundled_prompts, read_prompts
 from .stats import NeuronStats
+from .settings import CaptureSettings
 from .capture import capture_contrast
 from .circuit import Circuit
-from .attribution import attribute, discover, score_neurons, select_neurons
-from .steering import caa, generate, steer
+from .attribution import attribute, score_neurons, select_neurons
+from .pipeline import UniversalFilter, discover
+from .steering import Steering, caa, generate, steer
 from .export import export_folded, export_lora
 from .batch_job import generate_to_file
 
@@ -19,11 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNAError",
+    "CaptureSettings",
     "Circuit",
     "CircuitMismatchError",
     "NeuronStats",
     "PromptSource",
+    "Steering",
     "UnsupportedArchitectureError",
+    "UniversalFilter",
     "attribute",
     "bundled_prompts",
     "caa",

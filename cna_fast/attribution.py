@@ -1,23 +1,18 @@
-"""Score neurons from contrast statistics, select the circuit, filter universal neurons."""
+"""Attribution, the pure step from statistics to a circuit: score every neuron, rank, select.
+
+Statistics in, circuit out; no model is needed. The pipeline that runs the model first is
+`cna_fast.pipeline.discover`.
+"""
 from __future__ import annotations
 
-import datetime
-import itertools
-import json
-import hashlib
 import numbers
-import os
-from dataclasses import dataclass
-from importlib import resources
-from typing import Iterable, Sequence
+import warnings
+from typing import Iterable
 
 import torch
 
-from .capture import (Capturer, Checkpoint, capture_contrast, uses_chat_template, validate_layers,
-                      validate_position)
 from .circuit import Circuit
 from .errors import CNAError
-from .models import get_adapter, model_name
 from .stats import NEGATIVE, POSITIVE, NeuronStats
 
 SCORES = ("diff", "t", "d")
@@ -116,176 +111,17 @@ def attribute(stats: NeuronStats, *, top_k: int | None = None, top_frac: float |
     )
 
 
-def bundled_diverse_prompts() -> dict[str, list[str]]:
-    """The built-in diverse prompt set for the universal-neuron filter: topic -> prompts."""
-    groups: dict[str, list[str]] = {}
-    text = resources.files("cna_fast").joinpath("data/diverse.jsonl").read_text(encoding="utf-8")
-    for line in text.splitlines():
-        record = json.loads(line)
-        groups.setdefault(record["topic"], []).append(record["prompt"])
-    return groups
+_MOVED_TO_PIPELINE = {"discover", "UniversalFilter", "mlp_output_directions", "run_identity",
+                      "bundled_diverse_prompts"}
 
 
-@dataclass
-class UniversalFilter:
-    """Finds neurons that fire for everything, to keep them out of circuits.
+def __getattr__(name: str):
+    """Deprecated names: the pipeline moved to `cna_fast.pipeline` (kept here for one release)."""
+    if name in _MOVED_TO_PIPELINE:
+        warnings.warn(f"cna_fast.attribution.{name} moved to cna_fast.pipeline.{name}", DeprecationWarning,
+                      stacklevel=2)
+        from . import pipeline
 
-    A neuron is universal when, over groups of unrelated diverse prompts (topics), it is either
-    (a) in the top `top_frac` by |mean difference| for at least `threshold` of all topic-vs-topic
-    contrasts, or (b) in the top `top_frac` by |mean activation| in at least `threshold` of topics.
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    prompts: topic -> prompts; None uses the bundled set (8 topics x 12 prompts, works offline).
-    """
-
-    prompts: dict[str, Sequence[str]] | None = None
-    threshold: float = 0.8
-    top_frac: float = DEFAULT_TOP_FRAC
-
-    def find(self, model, tokenizer, *, layers: Sequence[int] | None = None, position: str = "last",
-             chat_template: bool | str | None = None, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-        """Bool mask [len(layers), width] of universal neurons."""
-        groups = self.prompts if self.prompts is not None else bundled_diverse_prompts()
-        if len(groups) < 2:
-            raise CNAError("the universal filter needs prompts in at least 2 topics")
-        if not 0 < self.threshold <= 1:
-            raise CNAError(f"universal filter threshold must be in (0, 1], got {self.threshold}")
-        capturer = Capturer(model, tokenizer, layers=layers, position=position, chat_template=chat_template,
-                            batch_size=batch_size, progress=progress)
-        labeled = [(prompt, group) for group, topic in enumerate(groups) for prompt in groups[topic]]
-        stats = capturer.run(labeled, n_groups=len(groups), total=len(labeled))
-        k = max(1, round(self.top_frac * stats.mean.shape[0] * stats.width))
-        means = stats.mean  # [L, G, width]
-        contrast_hits = torch.zeros(means.shape[0] * stats.width, device=means.device)
-        pairs = list(itertools.combinations(range(len(groups)), 2))
-        for a, b in pairs:
-            contrast_hits[select_neurons(means[:, a] - means[:, b], k)] += 1
-        magnitude_hits = torch.zeros_like(contrast_hits)
-        for group in range(len(groups)):
-            magnitude_hits[select_neurons(means[:, group], k)] += 1
-        universal = (contrast_hits >= self.threshold * len(pairs)) | (magnitude_hits >= self.threshold * len(groups))
-        return universal.view(means.shape[0], stats.width)
-
-
-def discover(model, tokenizer, positive: Iterable[str], negative: Iterable[str], *, top_k: int | None = None,
-             top_frac: float | None = DEFAULT_TOP_FRAC, position: str = "last", score: str = "diff",
-             exclude_layers: Iterable[int] = (), chat_template: bool | str | None = None, batch_size: int = 32,
-             universal_filter: bool | UniversalFilter | torch.Tensor = False, padding_side: str = "right",
-             progress: bool = True, distributed: bool = False, max_length: int | None = None,
-             on_long: str = "truncate", checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 10_000,
-             resume: bool = False) -> Circuit:
-    """Find the circuit: the neurons whose activations best separate `positive` from `negative` prompts.
-
-    top_k / top_frac: circuit size (top_frac of all the model's MLP neurons, 0.1% by default).
-    position: "last" (last prompt token, the paper's), "all" (every token) or "mean" (per-prompt mean).
-    score: "diff" (mean difference), "t" (Welch t) or "d" (Cohen's d); ranking is by |score| over all layers.
-    exclude_layers: layers never selected (and never run past if they are the last ones).
-    chat_template: None wraps prompts in the tokenizer's chat template when it has one.
-    universal_filter: True (bundled diverse prompts), a UniversalFilter, or a precomputed bool mask
-        [num_layers, d_ff] of neurons to exclude.
-    distributed: shard the prompts over torch.distributed ranks and merge their statistics; every
-        rank returns the same circuit (launch with torchrun; see README "Scaling up").
-    max_length / on_long: longer prompts are truncated (default, with a warning) or refused.
-    checkpoint / checkpoint_every / resume: save the statistics and stream position to `checkpoint`
-        every `checkpoint_every` prompts; with resume=True continue from it. Needs re-readable
-        prompt sets (lists or PromptSource files) so the inputs can be fingerprinted.
-    """
-    adapter = get_adapter(model)
-    validate_position(position)
-    validate_score(score)
-    excluded = validate_layers(exclude_layers, adapter.num_layers)
-    layers = [layer for layer in range(adapter.num_layers) if layer not in excluded]
-    if not layers:
-        raise CNAError("every layer is excluded: leave at least one layer to search")
-    if top_k is not None:
-        resolve_top_k(top_k, top_frac, adapter.num_neurons, len(layers) * adapter.d_ff)
-    common = dict(layers=layers, position=position, chat_template=chat_template, batch_size=batch_size,
-                  progress=progress)
-    saver = None
-    if checkpoint is not None:
-        identity = run_identity(model, tokenizer, positive, negative, layers=layers, position=position,
-                                chat_template=chat_template, batch_size=batch_size, padding_side=padding_side,
-                                max_length=max_length)
-        saver = Checkpoint(checkpoint, checkpoint_every, identity, resume)
-    stats = capture_contrast(model, tokenizer, positive, negative, padding_side=padding_side,
-                             distributed=distributed, max_length=max_length, on_long=on_long, checkpoint=saver,
-                             **common)
-    universal = _universal_mask(universal_filter, model, tokenizer, layers, adapter.num_layers, common)
-    meta = {
-        "model": model_name(model),
-        "fingerprint": adapter.fingerprint(),
-        "position": position,
-        "chat_template": uses_chat_template(tokenizer, chat_template),
-        "universal_filter": universal is not None,
-        "cna_fast_version": _version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    circuit = attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
-                        universal=universal, total_neurons=adapter.num_neurons, meta=meta)
-    circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)
-    return circuit
-
-
-def mlp_output_directions(model, stats: NeuronStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per captured layer, mean(positive) - mean(negative) of the MLP output: the CAA steering vector.
-
-    The down projection is affine, so the difference of output means is the down projection of
-    the difference of neuron means (minus its bias): no extra capture is needed, and quantized
-    layers are handled by running the layer itself on [delta, 0].
-    """
-    adapter = get_adapter(model)
-    directions = []
-    with torch.no_grad():
-        for row, layer in enumerate(stats.layers):
-            down = adapter.neuron_site(layer)
-            weight = next(p for p in down.parameters())
-            dtype = weight.dtype if weight.is_floating_point() else torch.float32
-            delta = (stats.mean[row, POSITIVE] - stats.mean[row, NEGATIVE]).to(weight.device)
-            probe = torch.stack([delta, torch.zeros_like(delta)]).to(dtype)
-            if hasattr(weight, "quant_state") and weight.quant_state is not None:
-                probe = probe.to(weight.quant_state.dtype)
-            output = down(probe).float()
-            directions.append((output[0] - output[1]).cpu())
-    return torch.tensor(stats.layers, dtype=torch.int64), torch.stack(directions)
-
-
-def run_identity(model, tokenizer, positive, negative, *, layers: list[int], position: str,
-                 chat_template: bool | str | None, batch_size: int, padding_side: str,
-                 max_length: int | None) -> dict:
-    """What a discovery's statistics depend on; a checkpoint only resumes a run with the same identity."""
-    return {"model": model_name(model), "fingerprint": get_adapter(model).fingerprint(), "layers": list(layers),
-            "position": position, "chat_template": uses_chat_template(tokenizer, chat_template),
-            "batch_size": batch_size, "padding_side": padding_side, "max_length": max_length,
-            "positive": inputs_fingerprint(positive), "negative": inputs_fingerprint(negative)}
-
-
-def inputs_fingerprint(prompts) -> str:
-    """A hash that identifies a prompt set: the file's bytes for a PromptSource, the texts for a list."""
-    from .prompts import PromptSource
-
-    if isinstance(prompts, PromptSource):
-        return prompts.fingerprint()
-    if isinstance(prompts, (list, tuple)):
-        digest = hashlib.sha256()
-        for prompt in prompts:
-            digest.update(str(prompt).encode("utf-8") + b"\0")
-        return digest.hexdigest()
-    raise CNAError("checkpointing needs re-readable prompt sets (a list or a PromptSource), not a one-shot iterator")
-
-
-def _universal_mask(universal_filter, model, tokenizer, layers: list[int], num_layers: int,
-                    capture_settings: dict) -> torch.Tensor | None:
-    if universal_filter is False or universal_filter is None:
-        return None
-    if isinstance(universal_filter, torch.Tensor):
-        if universal_filter.dtype != torch.bool or universal_filter.shape[0] != num_layers:
-            raise CNAError(f"a universal-neuron mask must be a bool tensor [num_layers={num_layers}, d_ff], "
-                           f"got {universal_filter.dtype} {list(universal_filter.shape)}")
-        return universal_filter[layers]
-    finder = UniversalFilter() if universal_filter is True else universal_filter
-    return finder.find(model, tokenizer, **capture_settings)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

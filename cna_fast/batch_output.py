@@ -39,7 +39,8 @@ def _lock(fd: int, path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise CNAError(f"another job is writing {str(path)!r}: wait for it to finish, or choose another --out") from None
+        raise CNAError(f"another job is writing {str(path)!r}: wait for it to finish, or choose another --out"
+                       ) from None
 
 
 class JobOutput:

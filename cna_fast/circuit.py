@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ _FORMAT = "cna_fast.circuit/1"
 _PER_NEURON = ("scores", "deltas", "mean_positive", "mean_negative", "std_positive", "std_negative")
 
 
+# Longer than 150 lines: one value type with its validation, file formats (safetensors, JSON, CSV)
+# and checks against a model, which all read the same fields.
 @dataclass
 class Circuit:
     """Neurons `(layers[i], neurons[i])`, ranked by |score|, with per-neuron statistics.
@@ -64,8 +67,15 @@ class Circuit:
         return self.layers.numel()
 
     @property
-    def fingerprint(self) -> dict[str, Any]:
+    def architecture(self) -> dict[str, Any]:
+        """The architecture of the model the circuit was found on (model type, layers, widths), if recorded."""
         return dict(self.meta.get("fingerprint", {}))
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """Deprecated name of `architecture`."""
+        warnings.warn("Circuit.fingerprint is deprecated: use Circuit.architecture", DeprecationWarning, stacklevel=2)
+        return self.architecture
 
     def by_layer(self) -> dict[int, torch.Tensor]:
         """Sorted neuron indices of each layer that has any."""
@@ -76,39 +86,39 @@ class Circuit:
         """Raise CircuitMismatchError unless this circuit fits `model`'s layers and widths."""
         from .models import get_adapter
 
-        self.check_fits(get_adapter(model).fingerprint())
+        self.check_fits(get_adapter(model).architecture())
 
-    def check_fits(self, fingerprint: dict[str, Any]) -> None:
-        """Raise CircuitMismatchError unless this circuit fits a model with `fingerprint`."""
-        mine = self.fingerprint
-        num_layers = int(fingerprint["num_layers"])
-        widths = fingerprint["d_ff"] if isinstance(fingerprint["d_ff"], list) else [fingerprint["d_ff"]] * num_layers
-        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != fingerprint["d_ff"]
-                     or mine.get("model_type") != fingerprint.get("model_type")):
+    def check_fits(self, architecture: dict[str, Any]) -> None:
+        """Raise CircuitMismatchError unless this circuit fits a model of `architecture` (adapter.architecture())."""
+        mine = self.architecture
+        num_layers = int(architecture["num_layers"])
+        widths = architecture["d_ff"] if isinstance(architecture["d_ff"], list) else [architecture["d_ff"]] * num_layers
+        if mine and (mine.get("num_layers") != num_layers or mine.get("d_ff") != architecture["d_ff"]
+                     or mine.get("model_type") != architecture.get("model_type")):
             raise CircuitMismatchError(
                 f"circuit was found on a model with {mine.get('num_layers')} layers x {mine.get('d_ff')} neurons "
-                f"({mine.get('model_type')}), but this model has {num_layers} layers x {fingerprint['d_ff']} "
-                f"neurons ({fingerprint.get('model_type')}): discover a circuit on this model"
+                f"({mine.get('model_type')}), but this model has {num_layers} layers x {architecture['d_ff']} "
+                f"neurons ({architecture.get('model_type')}): discover a circuit on this model"
             )
         for layer, neuron in zip(self.layers.tolist(), self.neurons.tolist()):
             if not 0 <= layer < num_layers or not 0 <= neuron < widths[layer]:
                 raise CircuitMismatchError(
                     f"circuit neuron (layer {layer}, index {neuron}) does not exist in this model "
-                    f"({num_layers} layers x {fingerprint['d_ff']} neurons)"
+                    f"({num_layers} layers x {architecture['d_ff']} neurons)"
                 )
 
     def layer_counts(self) -> list[int]:
         """Number of circuit neurons in each layer of the model (index = layer)."""
-        num_layers = int(self.fingerprint.get("num_layers", int(self.layers.max()) + 1 if len(self) else 0))
+        num_layers = int(self.architecture.get("num_layers", int(self.layers.max()) + 1 if len(self) else 0))
         return torch.bincount(self.layers, minlength=num_layers).tolist()
 
     def summary(self, top: int = 10) -> str:
         """A human-readable report: provenance, neurons per layer, the top neurons."""
-        meta, fingerprint = self.meta, self.fingerprint
+        meta, architecture = self.meta, self.architecture
         lines = [
             f"circuit: {len(self)} neurons of {meta.get('model', '?')} "
-            f"({fingerprint.get('model_type', '?')}, {fingerprint.get('num_layers', '?')} layers x "
-            f"{fingerprint.get('d_ff', '?')} neurons)",
+            f"({architecture.get('model_type', '?')}, {architecture.get('num_layers', '?')} layers x "
+            f"{architecture.get('d_ff', '?')} neurons)",
             f"score: {meta.get('score', '?')}   position: {meta.get('position', '?')}   "
             f"prompts: {meta.get('n_positive', '?')} positive / {meta.get('n_negative', '?')} negative   "
             f"excluded layers: {meta.get('exclude_layers') or 'none'}   "
@@ -130,9 +140,9 @@ class Circuit:
 
     def random_like(self, seed: int = 0) -> "Circuit":
         """A control circuit: as many neurons in each layer as this one, drawn at random among the others."""
-        width = self.fingerprint.get("d_ff")
+        width = self.architecture.get("d_ff")
         if not isinstance(width, int):
-            raise CNAError("a random control circuit needs the circuit's fingerprint (uniform d_ff)")
+            raise CNAError("a random control circuit needs the circuit's recorded architecture (uniform d_ff)")
         generator = torch.Generator().manual_seed(seed)
         layers, neurons = [], []
         for layer, members in self.by_layer().items():

@@ -32,19 +32,21 @@ def _check_output(path: str) -> None:
 
 
 def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
-    from .attribution import SCORES
-    from .capture import POSITIONS
+    from .attribution import DEFAULT_TOP_FRAC, SCORES
+    from .settings import DEFAULT_BATCH_SIZE, REDUCTIONS
 
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--top-k", type=int, help="number of neurons in the circuit")
-    size.add_argument("--top-frac", type=float, help="fraction of all MLP neurons (default 0.001 = 0.1%%)")
+    size.add_argument("--top-frac", type=float, default=DEFAULT_TOP_FRAC,
+                      help=f"fraction of all MLP neurons (default {DEFAULT_TOP_FRAC:g} = {DEFAULT_TOP_FRAC * 100:g}%%)")
     parser.add_argument("--exclude-layers", type=_layer_list, default=[], metavar="0,1",
                         help="layers never selected (the reference implementation skips 0,1)")
-    parser.add_argument("--position", choices=POSITIONS, default="last",
-                        help="last prompt token (default), all tokens, or per-prompt mean")
+    parser.add_argument("--reduction", "--position", dest="reduction", choices=REDUCTIONS, default="last",
+                        help="how a prompt's tokens become samples: last prompt token (default), all tokens, or "
+                             "per-prompt mean (--position is the old name)")
     parser.add_argument("--score", choices=SCORES, default="diff",
                         help="mean difference (default), Welch t, or Cohen's d")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="most prompts per forward pass (length buckets may use fewer)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
@@ -72,10 +74,12 @@ def _finite_list(text: str) -> list[float]:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    from .steering import POSITION_MODES
+
     parser.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--positions", choices=("all", "prompt", "generated"), default="all",
+    parser.add_argument("--positions", choices=POSITION_MODES, default="all",
                         help="which tokens are steered (default: prompt and generated)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -85,6 +89,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# Longer than 60 lines: the declarations of every subcommand; split per command once the open
+# branches that add commands and options have merged.
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cna", description="Contrastive Neuron Attribution, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,29 +176,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _discover(args, model_name: str | None, positive: list[str], negative: list[str], *,
-              device_map: dict | None = None, distributed: bool = False, verbose: bool = True):
-    from .attribution import discover
-    from .models import load_model
+def _capture_settings(args):
+    """The CaptureSettings the discovery options describe (validated before any model loads)."""
+    from .settings import CaptureSettings
 
     if args.batch_size < 1:
         raise CNAError(f"--batch-size must be at least 1, got {args.batch_size}")
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and max_length < 1:
+        raise CNAError(f"--max-length must be at least 1, got {max_length}")
+    return CaptureSettings(reduction=args.reduction, chat_template=False if args.no_chat_template else None,
+                           batch_size=args.batch_size, max_length=max_length,
+                           on_long=getattr(args, "on_long", "truncate"))
+
+
+def _discover(args, model_name: str | None, positive: list[str], negative: list[str], *,
+              device_map: dict | None = None, distributed: bool = False, verbose: bool = True):
+    from .models import load_model
+    from .models.fused import check_backend_setting
+    from .pipeline import discover
+
+    settings = _capture_settings(args)
     if args.top_k is not None and args.top_k < 1:
         raise CNAError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_frac is not None and not 0 < args.top_frac <= 1:
+    if not 0 < args.top_frac <= 1:
         raise CNAError(f"--top-frac must be in (0, 1], got {args.top_frac}")
     for path in (args.out, getattr(args, "json", None), getattr(args, "csv", None)):
         if path:
             _check_output(path)
+    check_backend_setting()
     model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=device_map)
     started = time.perf_counter()
-    circuit = discover(
-        model, tokenizer, positive, negative, top_k=args.top_k,
-        top_frac=args.top_frac if args.top_frac is not None else 0.001, position=args.position, score=args.score,
-        exclude_layers=args.exclude_layers, chat_template=False if args.no_chat_template else None,
-        batch_size=args.batch_size, universal_filter=args.universal_filter, progress=verbose and not args.quiet,
-        distributed=distributed, **_stream_options(args),
-    )
+    circuit = discover(model, tokenizer, positive, negative, settings, top_k=args.top_k, top_frac=args.top_frac,
+                       score=args.score, exclude_layers=args.exclude_layers, universal_filter=args.universal_filter,
+                       progress=verbose and not args.quiet, distributed=distributed, **_checkpoint_options(args))
     elapsed = time.perf_counter() - started
     if verbose:
         total = circuit.meta["n_positive"] + circuit.meta["n_negative"]
@@ -228,23 +245,18 @@ def _init_distributed() -> tuple[int, dict | None]:
     return dist.get_rank(), None
 
 
-def _stream_options(args) -> dict:
-    """Length limit and checkpointing options of `cna discover` (absent for `cna demo`)."""
-    options = {}
-    if getattr(args, "max_length", None) is not None:
-        if args.max_length < 1:
-            raise CNAError(f"--max-length must be at least 1, got {args.max_length}")
-        options["max_length"] = args.max_length
-    if hasattr(args, "on_long"):
-        options["on_long"] = args.on_long
-    if getattr(args, "checkpoint_every", None) is not None or getattr(args, "resume", False):
-        if args.checkpoint_every is not None and args.checkpoint_every < 1:
-            raise CNAError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-        options["checkpoint"] = args.checkpoint or f"{args.out}.checkpoint"
-        options["checkpoint_every"] = args.checkpoint_every or 10_000
-        options["resume"] = args.resume
-        if args.resume and not args.distributed and not os.path.exists(options["checkpoint"]):
-            raise CNAError(f"--resume: no checkpoint at {options['checkpoint']!r}")
+def _checkpoint_options(args) -> dict:
+    """Checkpointing options of `cna discover` (absent for `cna demo`)."""
+    from .pipeline import DEFAULT_CHECKPOINT_EVERY
+
+    if getattr(args, "checkpoint_every", None) is None and not getattr(args, "resume", False):
+        return {}
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise CNAError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    options = {"checkpoint": args.checkpoint or f"{args.out}.checkpoint",
+               "checkpoint_every": args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY, "resume": args.resume}
+    if args.resume and not args.distributed and not os.path.exists(options["checkpoint"]):
+        raise CNAError(f"--resume: no checkpoint at {options['checkpoint']!r}")
     return options
 
 
@@ -310,7 +322,10 @@ def _load_with_circuit(args):
     from .circuit import Circuit
     from .models import load_model
 
+    from .models.fused import check_backend_setting
+
     circuit = Circuit.load(args.circuit)
+    check_backend_setting()
     model, tokenizer = load_model(args.model, dtype=getattr(args, "dtype", None))
     circuit.validate(model)
     return circuit, model, tokenizer
@@ -344,7 +359,7 @@ def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: f
     from .steering import generate
 
     multipliers = torch.tensor([[1.0]] * len(prompts) + [[multiplier]] * len(prompts))
-    texts = generate(model, tokenizer, prompts + prompts, circuit=circuit, multipliers=multipliers, **settings)
+    texts = generate(model, tokenizer, prompts + prompts, circuits=circuit, multipliers=multipliers, **settings)
     return texts[:len(prompts)], texts[len(prompts):]
 
 
@@ -380,7 +395,7 @@ def _run_generate_job(args, named: dict[str, str]) -> None:
     circuits = {name: Circuit.load(path) for name, path in named.items()}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     summary = generate_to_file(
-        model, tokenizer, source, args.out, circuit=circuits, multiplier=args.multiplier,
+        model, tokenizer, source, args.out, circuits=circuits, multiplier=args.multiplier,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat_template=settings["chat_template"],
         positions=args.positions, progress=not args.quiet)
@@ -417,7 +432,7 @@ def run_generate(args) -> None:
             print(f"\n>>> {prompt}")
             print(_side_by_side("baseline", base, f"steered (x{args.multiplier:g})", new))
         return
-    texts = generate(model, tokenizer, prompts, circuit=circuit, multiplier=args.multiplier, **settings)
+    texts = generate(model, tokenizer, prompts, circuits=circuit, multiplier=args.multiplier, **settings)
     for prompt, text in zip(prompts, texts):
         print(f"\n>>> {prompt}\n{text}")
 
@@ -437,7 +452,7 @@ def run_sweep(args) -> None:
     circuit, model, tokenizer = _load_with_circuit(args)
     torch.manual_seed(args.seed)
     multipliers = torch.tensor([[value] for value in args.multipliers for _ in prompts])
-    texts = generate(model, tokenizer, prompts * len(args.multipliers), circuit=circuit, multipliers=multipliers,
+    texts = generate(model, tokenizer, prompts * len(args.multipliers), circuits=circuit, multipliers=multipliers,
                      **settings)
     rows = [{"multiplier": value, "prompt_index": i, "prompt": prompt, "output": texts[k * len(prompts) + i],
              "quality": quality(texts[k * len(prompts) + i]), "language": detect_language(texts[k * len(prompts) + i])}
@@ -522,7 +537,10 @@ def run_export(args) -> None:
     from .models import load_model
 
     circuit = Circuit.load(args.circuit)
+    from .models.fused import check_backend_setting
+
     check_output_folder(args.out, args.force)  # before the model loads
+    check_backend_setting()
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
         export_folded(model, circuit, args.multiplier, args.out, tokenizer=tokenizer, force=args.force)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .batching import pad_batch
 from .circuit import Circuit
 from .errors import CNAError
 from .models import get_adapter
@@ -170,8 +171,6 @@ class ContinuousBatcher:
 
     def _admit(self, requests: list[Request]) -> Iterator[Completion]:
         """Prefill new requests, emit those already finished, merge the others into the active batch."""
-        from .capture import pad_batch
-
         self._set_steering(None)
         batch = pad_batch([request.token_ids for request in requests], [0] * len(requests), self.pad_id, "left")
         rows = [_Row(request, [], len(request.token_ids)) for request in requests]

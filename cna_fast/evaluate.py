@@ -218,7 +218,7 @@ def sweep(model, tokenizer, circuit, prompts: Sequence[str], strengths: Sequence
     batch_context = None
     if "caa" in methods:
         batch_context = lambda rows: AddDirections(model, circuit.caa_layers, circuit.caa_directions, alphas[rows])
-    texts = generate(model, tokenizer, prompts * len(configs), circuit=[circuit, control],
+    texts = generate(model, tokenizer, prompts * len(configs), circuits=[circuit, control],
                      multipliers=torch.tensor(table), max_new_tokens=max_new_tokens, batch_size=batch_size,
                      progress=progress, batch_context=batch_context)
     neutral = list(neutral) if neutral is not None else bundled_neutral_texts()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import warnings
 import json
 import os
 from dataclasses import dataclass
@@ -161,6 +162,11 @@ class PromptSource:
                 number, f"no column {self.column!r} (columns: {', '.join(record)})"), dict(record)
 
     def fingerprint(self) -> str:
+        """Deprecated name of `content_hash()`."""
+        warnings.warn("PromptSource.fingerprint() is deprecated: use content_hash()", DeprecationWarning, stacklevel=2)
+        return self.content_hash()
+
+    def content_hash(self) -> str:
         """SHA-256 of the file's bytes (or the dataset spec), to tie checkpoints to their inputs."""
         if self.path is None:
             return hashlib.sha256(self.spec.encode()).hexdigest()

@@ -23,6 +23,8 @@ _FORMAT = "cna_fast.stats/1"
 _UPDATE_ELEMENTS = 1 << 22  # activations reduced in one float64 step (32 MiB)
 
 
+# Longer than 150 lines: one value type whose update, merge, distributed reduction and file format share
+# the same invariants (count/mean/M2 layout); splitting it would scatter them.
 class NeuronStats:
     """Count, mean and M2 per (layer, group, neuron), accumulated in float64.
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import numbers
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .batching import encode_prompts, pad_batch, pad_token_id
 from .circuit import Circuit
 from .errors import CNAError
-from .kernels import backend_for, patched_scale
+from .hooks import HookSet
 from .models import get_adapter
+from .models.fused import fused_backend, patched_scale
 
 POSITION_MODES = ("all", "prompt", "generated")
 
@@ -102,40 +105,42 @@ class Steering:
                            "multiply. Exit the outer steer first, or pass allow_stacking=True to mean it")
         if any(len(circuit) == 0 for circuit in self.circuits):
             raise CNAError("a circuit has no neurons: there is nothing to steer")
-        self.layers = self._layer_scales()
+        self.layer_scales = self._layer_scales()
         self._prompt_length = 0  # tokens of the current forward's prompt (positions="prompt"/"generated")
         self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
         self._previous_ids: torch.Tensor | None = None
-        self._handles = []
-        self._fused = contextlib.ExitStack()
-        probe = next(adapter.neuron_site(next(iter(self.layers))).parameters())
         # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel,
         # unless positions are restricted or another fused steering already patches the MLPs.
-        self.fused = positions == "all" and backend_for(probe) == "triton" and not any(o.fused for o in active)
-        try:
+        self.fused = (positions == "all" and fused_backend(adapter, next(iter(self.layer_scales))) == "triton"
+                      and not any(other.fused for other in active))
+        with HookSet.building() as hooks:
             if self.fused:
-                self._enter_fused(model)
+                self._enter_fused(model, hooks)
             else:
-                self._handles = [adapter.neuron_site(layer).register_forward_pre_hook(self._make_hook(layer))
-                                 for layer in self.layers]
+                for layer in self.layer_scales:
+                    hooks.pre_hook(adapter.neuron_site(layer), self._make_hook(layer))
             if positions != "all":
-                self._handles.append(adapter.body.register_forward_pre_hook(self._track_phase, with_kwargs=True))
-        except BaseException:
-            self.remove()
-            raise
+                hooks.pre_hook(adapter.body, self._track_phase, with_kwargs=True)
+        self._hooks = hooks
         active.append(self)
 
-    def _enter_fused(self, model: nn.Module) -> None:
+    @property
+    def layers(self) -> dict[int, "_LayerScale"]:
+        """Deprecated name of `layer_scales`."""
+        warnings.warn("Steering.layers is deprecated: use Steering.layer_scales", DeprecationWarning, stacklevel=2)
+        return self.layer_scales
+
+    def _enter_fused(self, model: nn.Module, hooks: HookSet) -> None:
         """Patch the circuit layers' MLPs with act_and_scale_sparse; per-row tables index by batch row."""
-        scales = {layer: (entry.neurons, entry.scale) for layer, entry in self.layers.items()}
+        scales = {layer: (entry.neurons, entry.scale) for layer, entry in self.layer_scales.items()}
         if self.multipliers.dim() == 2:
             rows = self.multipliers.shape[0]
-            self._handles.append(get_adapter(model).body.register_forward_pre_hook(
-                lambda module, args, kwargs: self._check_rows(rows, args, kwargs), with_kwargs=True))
+            hooks.pre_hook(get_adapter(model).body, lambda module, args, kwargs: self._check_rows(rows, args, kwargs),
+                           with_kwargs=True)
             table = torch.arange(rows)
-            self._fused.enter_context(patched_scale(model, scales, table_index=lambda: table))
+            hooks.enter(patched_scale(model, scales, table_index=lambda: table))
         else:
-            self._fused.enter_context(patched_scale(model, scales))
+            hooks.enter(patched_scale(model, scales))
 
     @staticmethod
     def _check_rows(rows: int, args, kwargs) -> None:
@@ -184,7 +189,7 @@ class Steering:
         self._prompt_part = max(0, min(length, self._prompt_length - past))
 
     def _make_hook(self, layer: int):
-        entry = self.layers[layer]
+        entry = self.layer_scales[layer]
 
         def hook(module, args):
             hidden = args[0]
@@ -207,10 +212,7 @@ class Steering:
 
     def remove(self) -> None:
         """Remove the hooks (and fused MLP patches); the model is exactly as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._fused.close()
+        self._hooks.close()
         active = _active(self.model)
         if self in active:
             active.remove(self)
@@ -248,7 +250,7 @@ def steer(model: nn.Module, circuits: Circuit | Sequence[Circuit], multiplier: f
 
 
 def __getattr__(name: str):
-    """`steering.generate_to_file` is the batch job (cna_fast.batch_job), imported on first use (it imports steering)."""
+    """`steering.generate_to_file` is the batch job (cna_fast.batch_job), imported on first use (it needs steering)."""
     if name == "generate_to_file":
         from .batch_job import generate_to_file
 
@@ -260,16 +262,45 @@ def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor
     return None if multipliers is None or multipliers.dim() == 1 else multipliers[rows]
 
 
+def _multiplier_table(circuits: list[Circuit] | None, multiplier: float, multipliers, n_prompts: int):
+    """The checked multipliers for `generate`: [n_circuits] or [n_prompts, n_circuits]; None unsteered."""
+    if circuits is None:
+        return None
+    table = _check_multipliers(multipliers if multipliers is not None else [as_multiplier(multiplier)] * len(circuits),
+                               len(circuits))
+    if table.dim() == 2 and table.shape[0] != n_prompts:
+        raise CNAError(f"per-prompt multipliers have {table.shape[0]} rows for {n_prompts} prompts")
+    return table
+
+
+def _check_generation_inputs(prompts: object, batch_size: object, max_new_tokens: object) -> list[str]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise CNAError(f"prompts must be a list of strings, got {type(prompts).__name__}; wrap a single prompt "
+                       "in a list")
+    prompts = list(prompts)
+    if not prompts:
+        raise CNAError("no prompts to generate from")
+    for number, prompt in enumerate(prompts, 1):
+        if not isinstance(prompt, str):
+            raise CNAError(f"prompt {number} is a {type(prompt).__name__}, not a string")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CNAError(f"{name} must be a positive integer, got {value!r}")
+    return prompts
+
+
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
-             circuit: Circuit | Sequence[Circuit] | None = None, multiplier: float = 0.0,
+             circuits: Circuit | Sequence[Circuit] | None = None, multiplier: float = 0.0,
              multipliers: Sequence[float] | torch.Tensor | None = None, positions: str = "all",
              max_new_tokens: int = 64, batch_size: int = 16, chat_template: bool | str | None = None,
              do_sample: bool = False, progress: bool = True,
-             batch_context: Callable[[list[int]], ContextManager] | None = None, **generate_kwargs) -> list[str]:
+             batch_context: Callable[[list[int]], ContextManager] | None = None,
+             circuit: Circuit | Sequence[Circuit] | None = None, **generate_kwargs) -> list[str]:
     """Generate a completion per prompt, optionally steered; returns the new text in input order.
 
     Prompts go through the chat template (when the tokenizer has one and chat_template is not
     False), are sorted by length and left-padded in batches of `batch_size`.
+    circuits: a Circuit or a list of them (`circuit=` is the deprecated name).
     multipliers: [n_circuits], or [len(prompts), n_circuits] for a different steering per prompt.
     batch_context: called with each batch's prompt indices; the context it returns wraps that
     batch's generation (e.g. a per-row CAA baseline).
@@ -277,54 +308,47 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
     """
     from tqdm.auto import tqdm
 
-    from .capture import encode_prompts, pad_batch
-
-    prompts = list(prompts)
-    if not prompts:
-        raise CNAError("no prompts to generate from")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
-    circuits = None if circuit is None else _as_circuits(circuit)
-    table = None
-    if circuits is not None:
-        table = _check_multipliers(multipliers if multipliers is not None else [float(multiplier)] * len(circuits),
-                                   len(circuits))
-        if table.dim() == 2 and table.shape[0] != len(prompts):
-            raise CNAError(f"per-prompt multipliers have {table.shape[0]} rows for {len(prompts)} prompts")
+    if circuit is not None:
+        if circuits is not None:
+            raise CNAError("pass circuits= only (circuit= is its deprecated name)")
+        warnings.warn("generate(circuit=) is deprecated: use circuits=", DeprecationWarning, stacklevel=2)
+        circuits = circuit
+    prompts = _check_generation_inputs(prompts, batch_size, max_new_tokens)
+    circuits = None if circuits is None else _as_circuits(circuits)
+    table = _multiplier_table(circuits, multiplier, multipliers, len(prompts))
     encoded = encode_prompts(tokenizer, prompts, chat_template)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = get_adapter(model).body.get_input_embeddings().weight.device
     outputs: list[str] = [""] * len(prompts)
-    shared = None
-    if circuits is not None and table.dim() == 1:
-        shared = steer(model, circuits, multipliers=table, positions=positions)
-    try:
-        with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                batch = pad_batch([encoded[i] for i in rows], [0] * len(rows), pad_id, "left")
-                per_row = _rows_for(table, rows)
-                handle = steer(model, circuits, multipliers=per_row, positions=positions) if per_row is not None \
-                    else None
-                extra = batch_context(rows) if batch_context is not None else contextlib.nullcontext()
-                try:
-                    with torch.inference_mode(), extra:
-                        generated = model.generate(
-                            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
-                            **generate_kwargs)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                texts = tokenizer.batch_decode(generated[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-                for row, text in zip(rows, texts):
-                    outputs[row] = text.strip()
-                bar.update(len(rows))
-    finally:
-        if shared is not None:
-            shared.remove()
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+    with contextlib.ExitStack() as stack, tqdm(total=len(prompts), desc="generate", unit="prompt",
+                                               disable=not progress) as bar:
+        if table is not None and table.dim() == 1:
+            stack.enter_context(steer(model, circuits, multipliers=table, positions=positions))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            per_row = _rows_for(table, rows)
+            with contextlib.ExitStack() as batch_stack:
+                if per_row is not None:
+                    batch_stack.enter_context(steer(model, circuits, multipliers=per_row, positions=positions))
+                if batch_context is not None:
+                    batch_stack.enter_context(batch_context(rows))
+                texts = _generate_batch(model, tokenizer, [encoded[i] for i in rows], settings)
+            for row, text in zip(rows, texts):
+                outputs[row] = text
+            bar.update(len(rows))
     return outputs
+
+
+def _generate_batch(model: nn.Module, tokenizer, sequences: list[list[int]], settings: dict) -> list[str]:
+    """Left-padded generation of one batch; returns each row's new text, stripped."""
+    pad_id = pad_token_id(tokenizer)
+    batch = pad_batch(sequences, [0] * len(sequences), pad_id, "left")
+    device = get_adapter(model).body.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        generated = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                   pad_token_id=pad_id, **settings)
+    texts = tokenizer.batch_decode(generated[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return [text.strip() for text in texts]
 
 
 class AddDirections:
@@ -339,11 +363,16 @@ class AddDirections:
         if alpha.dim() > 1 or not torch.isfinite(alpha).all():
             raise CNAError("alpha must be a finite number or a [batch] vector of finite numbers")
         adapter = get_adapter(model)
-        self._handles = []
-        for layer, direction in zip(layers.tolist(), directions):
+        layers = [int(layer) for layer in torch.as_tensor(layers).reshape(-1).tolist()]
+        if len(layers) != len(directions):
+            raise CNAError(f"{len(layers)} CAA layers for {len(directions)} directions: give one direction per layer")
+        for layer in layers:  # every check before the first hook, so a refusal leaves the model untouched
             if not 0 <= layer < adapter.num_layers:
                 raise CNAError(f"CAA direction for layer {layer}, but the model has {adapter.num_layers} layers")
-            self._handles.append(adapter.neuron_site(layer).register_forward_hook(self._make_hook(direction, alpha)))
+        with HookSet.building() as hooks:
+            for layer, direction in zip(layers, directions):
+                hooks.post_hook(adapter.neuron_site(layer), self._make_hook(direction, alpha))
+        self._hooks = hooks
 
     @staticmethod
     def _make_hook(direction: torch.Tensor, alpha: torch.Tensor):
@@ -364,9 +393,8 @@ class AddDirections:
         return hook
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks; the model is exactly as before."""
+        self._hooks.close()
 
     def __enter__(self) -> "AddDirections":
         return self

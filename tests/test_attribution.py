@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cna_fast import get_adapter
-from cna_fast.attribution import (DEFAULT_TOP_FRAC, UniversalFilter, attribute, discover, resolve_top_k,
-                                  score_neurons, select_neurons)
+from cna_fast.attribution import DEFAULT_TOP_FRAC, attribute, resolve_top_k, score_neurons, select_neurons
+from cna_fast.pipeline import UniversalFilter, discover
 from cna_fast.errors import CNAError
 from cna_fast.stats import NEGATIVE, POSITIVE, NeuronStats
 
@@ -267,7 +267,7 @@ def test_universal_filter_finds_and_discover_skips_planted_neuron(tiny_llama, to
                       exclude_layers=[0], **common)
     assert planted not in set(zip(subset.layers.tolist(), subset.neurons.tolist()))
     assert 0 not in subset.layers.tolist()
-    assert get_adapter(tiny_llama).fingerprint() == filtered.fingerprint
+    assert get_adapter(tiny_llama).architecture() == filtered.architecture
 
 
 def test_universal_mask_with_wrong_shape_is_rejected(tiny_llama, tokenizer) -> None:

@@ -16,14 +16,14 @@ def triton_backend(monkeypatch):
 @pytest.mark.parametrize("position", ["last", "all"])
 def test_triton_discovery_equals_torch_discovery(tiny_llama, tokenizer, monkeypatch, position):
     monkeypatch.setenv("CNA_FAST_BACKEND", "torch")
-    expected = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, position=position, score="t",
+    expected = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, reduction=position, score="t",
                         progress=False)
     pytest.importorskip("triton")
     monkeypatch.setenv("CNA_FAST_BACKEND", "triton")
     from cna_fast.capture import Capturer
 
-    assert Capturer(tiny_llama, tokenizer, position=position, progress=False).fused
-    found = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, position=position, score="t",
+    assert Capturer(tiny_llama, tokenizer, reduction=position, progress=False).fused
+    found = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, reduction=position, score="t",
                      progress=False)
     assert torch.equal(found.layers, expected.layers) and torch.equal(found.neurons, expected.neurons)
     assert torch.allclose(found.deltas, expected.deltas, rtol=1e-5, atol=1e-6)
@@ -43,7 +43,7 @@ def test_triton_steered_logits_and_generation_equal_hook_path(tiny_llama, tokeni
         with torch.no_grad(), steer(tiny_llama, circuit, 2.5) as handle:
             assert handle.fused == (backend == "triton")
             logits = tiny_llama(**ids).logits
-        texts = generate(tiny_llama, tokenizer, POSITIVE, circuit=circuit, multiplier=0.0, max_new_tokens=6,
+        texts = generate(tiny_llama, tokenizer, POSITIVE, circuits=circuit, multiplier=0.0, max_new_tokens=6,
                          batch_size=2, progress=False)
         results[backend] = (logits, texts)
     assert torch.allclose(results["triton"][0], results["torch"][0], atol=1e-5)

@@ -20,7 +20,7 @@ from torch import nn
 from cna_fast import get_adapter
 from cna_fast.batch_job import generate_to_file
 from cna_fast.batch_output import sidecar_path
-from cna_fast.capture import encode_prompts
+from cna_fast.batching import encode_prompts
 from cna_fast.circuit import Circuit
 from cna_fast.cli import main
 from cna_fast.errors import CNAError
@@ -145,11 +145,11 @@ def test_multiplier_one_is_unsteered_and_any_multiplier_equals_folded_weights(mo
     model, tokenizer = model_and_tokenizer
     circuit = wide_circuit(model)
     unsteered = run_job(model, tokenizer, prompt_file, tmp_path / "plain.jsonl")
-    identity = run_job(model, tokenizer, prompt_file, tmp_path / "one.jsonl", circuit=circuit, multiplier=1.0)
+    identity = run_job(model, tokenizer, prompt_file, tmp_path / "one.jsonl", circuits=circuit, multiplier=1.0)
     assert [r["output"] for r in identity.values()] == [unsteered[i]["output"] for i in identity]
     for multiplier in (0.0, 2.0):
-        steered = run_job(model, tokenizer, prompt_file, tmp_path / f"m{multiplier}.jsonl", circuit=circuit,
-                          multiplier=multiplier, batch_size=4)
+        steered = run_job(model, tokenizer, prompt_file, tmp_path / f"m{multiplier}.jsonl",
+                          circuits=circuit, multiplier=multiplier, batch_size=4)
         folded = run_job(folded_copy(model, circuit, multiplier), tokenizer, prompt_file, tmp_path / f"f{multiplier}.jsonl")
         assert {i: r["output"] for i, r in steered.items()} == {i: r["output"] for i, r in folded.items()}
         assert any(steered[i]["output"] != unsteered[i]["output"] for i in steered), "steering must change text"
@@ -164,9 +164,9 @@ def test_steered_positions_equal_generate_one_prompt_at_a_time(model_and_tokeniz
     circuit = wide_circuit(model)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    records = run_job(model, tokenizer, prompts, tmp_path / "out.jsonl", circuit=circuit, positions=positions,
+    records = run_job(model, tokenizer, prompts, tmp_path / "out.jsonl", circuits=circuit, positions=positions,
                       batch_size=4)
-    reference = generate(model, tokenizer, PROMPTS, circuit=circuit, multiplier=0.0, positions=positions,
+    reference = generate(model, tokenizer, PROMPTS, circuits=circuit, multiplier=0.0, positions=positions,
                          max_new_tokens=NEW_TOKENS, batch_size=1, progress=False)
     assert [records[line]["output"] for line in range(1, len(PROMPTS) + 1)] == reference
 
@@ -178,13 +178,13 @@ def test_per_record_circuit_and_multiplier_equal_separate_runs(model_and_tokeniz
     records = [{"id": f"r{i}", "prompt": prompt, "circuit": settings[i % 5][0], "multiplier": settings[i % 5][1]}
                for i, prompt in enumerate(PROMPTS * 2)]
     mixed = run_job(model, tokenizer, write_jsonl(tmp_path / "mixed.jsonl", records), tmp_path / "out.jsonl",
-                    circuit=circuits, batch_size=4)
+                    circuits=circuits, batch_size=4)
     assert len(mixed) == len(records)
     for name, multiplier in settings:
         subset = [{"id": r["id"], "prompt": r["prompt"]} for r in records
                   if (r["circuit"], r["multiplier"]) == (name, multiplier)]
         alone = run_job(model, tokenizer, write_jsonl(tmp_path / f"{name}{multiplier}.jsonl", subset),
-                        tmp_path / f"out-{name}{multiplier}.jsonl", circuit=circuits[name], multiplier=multiplier)
+                        tmp_path / f"out-{name}{multiplier}.jsonl", circuits=circuits[name], multiplier=multiplier)
         for record_id, record in alone.items():
             assert mixed[record_id]["output"] == record["output"]
             assert (mixed[record_id]["circuit"], mixed[record_id]["multiplier"]) == (name, multiplier)
@@ -220,14 +220,14 @@ def test_resume_refuses_other_settings_and_foreign_files(model_and_tokenizer, pr
     model, tokenizer = model_and_tokenizer
     circuit = wide_circuit(model)
     out = tmp_path / "out.jsonl"
-    run_job(model, tokenizer, prompt_file, out, circuit=circuit, multiplier=0.0)
+    run_job(model, tokenizer, prompt_file, out, circuits=circuit, multiplier=0.0)
     before = out.read_bytes()
     with pytest.raises(CNAError, match="multiplier"):
-        run_job(model, tokenizer, prompt_file, out, circuit=circuit, multiplier=2.0)
+        run_job(model, tokenizer, prompt_file, out, circuits=circuit, multiplier=2.0)
     with pytest.raises(CNAError, match="max_new_tokens"):
-        run_job(model, tokenizer, prompt_file, out, circuit=circuit, multiplier=0.0, max_new_tokens=3)
+        run_job(model, tokenizer, prompt_file, out, circuits=circuit, multiplier=0.0, max_new_tokens=3)
     assert out.read_bytes() == before
-    run_job(model, tokenizer, prompt_file, out, circuit=circuit, multiplier=0.0, batch_size=5)  # speed only: fine
+    run_job(model, tokenizer, prompt_file, out, circuits=circuit, multiplier=0.0, batch_size=5)  # speed only: fine
     assert out.read_bytes() == before
     foreign = tmp_path / "notes.jsonl"
     foreign.write_text('{"mine": 1}\n')
@@ -243,8 +243,8 @@ def test_bad_overrides_raise_or_are_skipped(model_and_tokenizer, tmp_path):
                {"id": 1, "prompt": "fox"}, {"prompt": "savanna", "multiplier": 3}]
     prompts = write_jsonl(tmp_path / "p.jsonl", records)
     with pytest.raises(CNAError, match=r"p.jsonl:2: circuit 'nope' is not one of"):
-        run_job(model, tokenizer, prompts, tmp_path / "a.jsonl", circuit={"main": circuit})
-    summary = generate_to_file(model, tokenizer, prompts, tmp_path / "b.jsonl", circuit={"main": circuit},
+        run_job(model, tokenizer, prompts, tmp_path / "a.jsonl", circuits={"main": circuit})
+    summary = generate_to_file(model, tokenizer, prompts, tmp_path / "b.jsonl", circuits={"main": circuit},
                                skip_bad=True, max_new_tokens=3, progress=False)
     assert summary.written == 2 and len(summary.bad) == 3
     assert "duplicate id 1" in summary.bad[2]

@@ -137,7 +137,7 @@ def test_capture_matches_naive_reference(tiny_llama, tokenizer, plain_tokenizer,
     if chat and prefix_cache:
         assert len(shared_prefix(tok)) >= 2, "the chat template should give a shared prefix to cache"
     ref = reference_moments(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, position, chat)
-    stats = capture_contrast(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, position=position, batch_size=3,
+    stats = capture_contrast(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, reduction=position, batch_size=3,
                              prefix_cache=prefix_cache, progress=False)
     assert stats.layers == list(range(NUM_LAYERS))
     assert_matches_reference(stats, ref, range(NUM_LAYERS))
@@ -164,7 +164,7 @@ def test_capture_accepts_generators(tiny_llama, tokenizer) -> None:
     """Prompt sets may be one-shot iterables without a length."""
     ref = reference_moments(tiny_llama, tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, "mean", True)
     stats = capture_contrast(tiny_llama, tokenizer, (p for p in POSITIVE_PROMPTS), iter(NEGATIVE_PROMPTS),
-                             position="mean", batch_size=4, progress=False)
+                             reduction="mean", batch_size=4, progress=False)
     assert_matches_reference(stats, ref, range(NUM_LAYERS))
 
 
@@ -188,7 +188,7 @@ def test_prefix_cache_matches_reference_on_every_architecture(tokenizer, model_t
     assert longest > 2 * max(ARCH_CONFIGS[mt]["sliding_window"] for mt in SLIDING_WINDOW)
     for position in ("last", "all", "mean"):
         ref = reference_moments(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, position, True)
-        stats = capture_contrast(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, position=position,
+        stats = capture_contrast(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction=position,
                                  batch_size=4, padding_side=padding_side, prefix_cache=True, progress=False)
         assert_matches_reference(stats, ref, range(NUM_LAYERS))
 
@@ -204,7 +204,7 @@ def test_padding_and_batch_size_invariance(tiny_llama, tokenizer, plain_tokenize
     deltas = {}
     for batch_size in (1, 16):
         for padding_side in ("left", "right"):
-            stats = capture_contrast(tiny_llama, tok, RAGGED_POSITIVE, RAGGED_NEGATIVE, position=position,
+            stats = capture_contrast(tiny_llama, tok, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction=position,
                                      batch_size=batch_size, padding_side=padding_side, progress=False)
             assert torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()
             deltas[batch_size, padding_side] = side_delta(stats)
@@ -258,7 +258,7 @@ def test_planted_neuron_ranks_first_at_last_token(tiny_llama, plain_tokenizer, s
     negative = list(_END_WORDS)
     check_trigger_placement(plain_tokenizer, positive, negative, at_end=True)
     plant_neuron(tiny_llama, trigger_id(plain_tokenizer), sign)
-    circuit = discover(tiny_llama, plain_tokenizer, positive, negative, top_k=5, position="last",
+    circuit = discover(tiny_llama, plain_tokenizer, positive, negative, top_k=5, reduction="last",
                        chat_template=False, batch_size=4, progress=False)
     assert len(circuit) == 5
     assert (int(circuit.layers[0]), int(circuit.neurons[0])) == (PLANT_LAYER, PLANT_NEURON)
@@ -273,7 +273,7 @@ def test_planted_neuron_ranks_first_with_mean_position(tiny_llama, plain_tokeniz
     negative = [f"{before} {after}" for before, after in _MIDDLE]
     check_trigger_placement(plain_tokenizer, positive, negative, at_end=False)
     plant_neuron(tiny_llama, trigger_id(plain_tokenizer), sign)
-    circuit = discover(tiny_llama, plain_tokenizer, positive, negative, top_k=5, position="mean",
+    circuit = discover(tiny_llama, plain_tokenizer, positive, negative, top_k=5, reduction="mean",
                        chat_template=False, batch_size=4, progress=False)
     assert (int(circuit.layers[0]), int(circuit.neurons[0])) == (PLANT_LAYER, PLANT_NEURON)
     assert np.sign(float(circuit.deltas[0])) == sign
@@ -312,7 +312,7 @@ def test_early_stop_skips_later_layers_and_lm_head(tiny_llama, tokenizer, positi
     ]
     try:
         stats = capture_contrast(tiny_llama, tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, layers=[0, 1],
-                                 position=position, batch_size=2, progress=False)
+                                 reduction=position, batch_size=2, progress=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -351,14 +351,14 @@ def test_statistics_memory_does_not_grow_with_prompts(tiny_llama, plain_tokenize
     ([], [], {}, "empty"),
     (POSITIVE_PROMPTS + [""], NEGATIVE_PROMPTS, {}, "prompt 6 is empty"),
     (POSITIVE_PROMPTS, ["   "], {}, "is empty"),
-    (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"position": "first"}, "unknown position 'first'.*last, all, mean"),
+    (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"reduction": "first"}, "unknown reduction 'first'.*last, all, mean"),
     (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"padding_side": "middle"}, "unknown padding side 'middle'"),
     (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
     (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"layers": [99]}, r"layer index 99 is out of range.*4 layers"),
     (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"layers": [-1]}, r"layer index -1 is out of range"),
     (POSITIVE_PROMPTS, NEGATIVE_PROMPTS, {"layers": []}, "no layers"),
     (POSITIVE_PROMPTS, [3], {}, "not a string"),
-], ids=["no-positive", "no-negative", "both-empty", "empty-string", "blank", "position", "padding-side",
+], ids=["no-positive", "no-negative", "both-empty", "empty-string", "blank", "reduction", "padding-side",
         "batch-size", "layer-99", "layer-negative", "no-layers", "non-string"])
 def test_bad_input_raises_cna_error(tiny_llama, tokenizer, positive, negative, kwargs, pattern: str) -> None:
     with pytest.raises(CNAError, match=pattern):
@@ -373,7 +373,7 @@ def test_chat_template_true_without_template_raises(tiny_llama, plain_tokenizer)
 
 def test_length_buckets_cover_in_order_within_limits_and_beat_fixed_chunks() -> None:
     """The DP split is a partition into consecutive spans, respects both limits, and pads less than chunking."""
-    from cna_fast.capture import length_buckets
+    from cna_fast.batching import length_buckets
 
     generator = np.random.default_rng(0)
     lengths = sorted(int(x) for x in generator.integers(5, 200, size=300))

@@ -55,7 +55,7 @@ def test_ablating_french_circuit_turns_answers_english(default_model):
                                 bundled_prompts("english_questions"), progress=False)
     held_out = bundled_prompts("french_heldout")[:16]
     multipliers = torch.tensor([[1.0]] * len(held_out) + [[0.0]] * len(held_out))
-    texts = generate(model, tokenizer, held_out + held_out, circuit=circuit, multipliers=multipliers,
+    texts = generate(model, tokenizer, held_out + held_out, circuits=circuit, multipliers=multipliers,
                      max_new_tokens=32, batch_size=32, progress=False)
     baseline, ablated = texts[:16], texts[16:]
     assert language_rate(ablated, "en") >= language_rate(baseline, "en") + 0.3

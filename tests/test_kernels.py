@@ -18,7 +18,8 @@ import cna_fast.kernels.dispatch as dispatch
 from cna_fast.kernels import (ACTIVATION_KINDS, BACKEND_ENV, LayerMoments, act_and_capture, act_and_capture_torch,
                               act_and_capture_triton, act_and_scale, act_and_scale_sparse_torch,
                               act_and_scale_sparse_triton, act_and_scale_torch, act_and_scale_triton,
-                              activation_kind, apply_activation, backend_for, patched_capture, patched_scale)
+                              activation_kind, apply_activation, backend_for)
+from cna_fast.models.fused import patched_capture, patched_scale
 from cna_fast.models import get_adapter
 from tests.tiny import build_tiny_model
 

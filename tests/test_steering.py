@@ -246,9 +246,9 @@ def test_generate_per_prompt_multipliers_equal_separate_calls(tokenizer) -> None
     model = sharp_model("llama", len(tokenizer))
     circuit = big_circuit(model)
     prompts = ["what is the capital of france", "how do i bake bread", "zebra stripes"]
-    batched = generate(model, tokenizer, prompts, circuit=circuit, multipliers=[[0.0], [1.0], [2.0]],
+    batched = generate(model, tokenizer, prompts, circuits=circuit, multipliers=[[0.0], [1.0], [2.0]],
                        max_new_tokens=8, batch_size=3, progress=False)
-    separate = [generate(model, tokenizer, [prompt], circuit=circuit, multiplier=m, max_new_tokens=8,
+    separate = [generate(model, tokenizer, [prompt], circuits=circuit, multiplier=m, max_new_tokens=8,
                          progress=False)[0] for prompt, m in zip(prompts, (0.0, 1.0, 2.0))]
     assert batched == separate
     unsteered = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1, progress=False)
@@ -355,7 +355,7 @@ def test_sampling_is_reproducible_with_a_seed(tokenizer) -> None:
 
     def sample(seed: int) -> list[str]:
         torch.manual_seed(seed)
-        return generate(model, tokenizer, PROMPTS[:3], circuit=circuit, multiplier=0.5, do_sample=True,
+        return generate(model, tokenizer, PROMPTS[:3], circuits=circuit, multiplier=0.5, do_sample=True,
                         max_new_tokens=8, batch_size=2, progress=False)
 
     first, second = sample(123), sample(123)
@@ -368,9 +368,9 @@ def test_sampling_is_reproducible_with_a_seed(tokenizer) -> None:
 def test_generate_returns_texts_in_input_order(tokenizer, with_circuit: bool) -> None:
     model = sharp_model("llama", len(tokenizer))
     circuit = big_circuit(model) if with_circuit else None
-    batched = generate(model, tokenizer, PROMPTS, circuit=circuit, multiplier=2.0, max_new_tokens=6, batch_size=2,
+    batched = generate(model, tokenizer, PROMPTS, circuits=circuit, multiplier=2.0, max_new_tokens=6, batch_size=2,
                        progress=False)
-    alone = [generate(model, tokenizer, [prompt], circuit=circuit, multiplier=2.0, max_new_tokens=6,
+    alone = [generate(model, tokenizer, [prompt], circuits=circuit, multiplier=2.0, max_new_tokens=6,
                       progress=False)[0] for prompt in PROMPTS]
     assert batched == alone
     assert len(set(alone)) > 1, "different prompts should give different texts, or order is not tested"
@@ -383,13 +383,13 @@ def test_generate_restores_model_and_rejects_bad_tables(tokenizer) -> None:
     model = sharp_model("llama", len(tokenizer))
     circuit = default_circuit(model)
     before = snapshot(model)
-    generate(model, tokenizer, PROMPTS[:2], circuit=circuit, multiplier=0.0, max_new_tokens=3, progress=False)
+    generate(model, tokenizer, PROMPTS[:2], circuits=circuit, multiplier=0.0, max_new_tokens=3, progress=False)
     assert_state_identical(model, before)
     assert_no_hooks(model)
     with pytest.raises(CNAError):
-        generate(model, tokenizer, PROMPTS[:3], circuit=circuit, multipliers=[[0.0], [1.0]], progress=False)
+        generate(model, tokenizer, PROMPTS[:3], circuits=circuit, multipliers=[[0.0], [1.0]], progress=False)
     with pytest.raises(CNAError):
-        generate(model, tokenizer, PROMPTS[:2], circuit=circuit, multiplier=float("nan"), progress=False)
+        generate(model, tokenizer, PROMPTS[:2], circuits=circuit, multiplier=float("nan"), progress=False)
     with pytest.raises(CNAError):
         generate(model, tokenizer, [], progress=False)
     assert_no_hooks(model)

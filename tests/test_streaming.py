@@ -129,11 +129,12 @@ def test_long_prompts_truncate_with_warning_or_fail(tiny_llama, tokenizer):
 
 def test_truncation_keeps_template_prefix_and_last_tokens(tiny_llama, tokenizer):
     """A truncated prompt is captured exactly as its kept tokens: the prefix plus the tail."""
-    from cna_fast.capture import Capturer, encode_prompts, shared_prefix
+    from cna_fast.batching import encode_prompts, shared_prefix
+    from cna_fast.capture import Capturer
 
     capturer = Capturer(tiny_llama, tokenizer, max_length=40, progress=False)
     ids = encode_prompts(tokenizer, ["zebra " * 100])[0]
-    kept = capturer._fit(ids, 1)
+    kept = capturer.limit.fit(ids, 1)
     prefix = shared_prefix(tokenizer)
     assert len(kept) == 40 and kept[:len(prefix)] == prefix and kept[len(prefix):] == ids[len(ids) - 40 + len(prefix):]
 
@@ -175,14 +176,14 @@ def test_resume_after_crash_gives_the_uninterrupted_circuit(tiny_llama, tokenize
 
 def _crash_run(model, tokenizer, positive, negative, checkpoint, settings, crashing):
     """Discovery whose negative prompts fail after 100 items, with the same checkpoint identity as a clean run."""
-    from cna_fast.attribution import run_identity
     from cna_fast.capture import Checkpoint, capture_contrast
+    from cna_fast.pipeline import run_identity
+    from cna_fast.settings import CaptureSettings
 
-    identity = run_identity(model, tokenizer, positive, negative, layers=list(range(4)), position="last",
-                            chat_template=None, batch_size=settings["batch_size"], padding_side="right",
-                            max_length=None)
-    capture_contrast(model, tokenizer, positive, crashing(negative, 100), batch_size=settings["batch_size"],
-                     progress=False, checkpoint=Checkpoint(checkpoint, 64, identity))
+    capture = CaptureSettings(batch_size=settings["batch_size"])
+    identity = run_identity(model, tokenizer, positive, negative, CaptureSettings.build(capture, layers=range(4)))
+    capture_contrast(model, tokenizer, positive, crashing(negative, 100), capture, progress=False,
+                     checkpoint=Checkpoint(checkpoint, 64, identity))
 
 
 def test_resume_with_changed_inputs_fails_clearly(tiny_llama, tokenizer, tmp_path: Path):
@@ -193,8 +194,8 @@ def test_resume_with_changed_inputs_fails_clearly(tiny_llama, tokenizer, tmp_pat
     with pytest.raises(CNAError, match=r"different inputs or settings \(negative changed\)"):
         discover(tiny_llama, tokenizer, positive, negative[:-1] + ["another prompt"], top_k=3, checkpoint=checkpoint,
                  resume=True, progress=False)
-    with pytest.raises(CNAError, match=r"\(position changed\)"):
-        discover(tiny_llama, tokenizer, positive, negative, top_k=3, position="mean", checkpoint=checkpoint,
+    with pytest.raises(CNAError, match=r"\(reduction changed\)"):
+        discover(tiny_llama, tokenizer, positive, negative, top_k=3, reduction="mean", checkpoint=checkpoint,
                  resume=True, progress=False)
     with pytest.raises(CNAError, match="re-readable"):
         discover(tiny_llama, tokenizer, iter(positive), negative, top_k=3, checkpoint=checkpoint, progress=False)

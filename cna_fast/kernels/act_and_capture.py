@@ -25,15 +25,31 @@ float64 running statistics avoid that floor and cost nothing measurable (one mer
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
-from ..stats import NEGATIVE, POSITIVE
 from ._triton import INTERPRETER, cdiv, jit, next_power_of_2, require_triton, tl
 from .activations import act_and_mul_torch, activate, activation_kind, check_gate_up
 
+NEGATIVE, POSITIVE = 0, 1  # the two sides of the moments; rows labeled otherwise are skipped
 _LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _STATS_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class LayerMoments:
+    """Running statistics of one layer, updated in place: count [2], mean and m2 [2, d_ff] (side 0, side 1)."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def zeros(cls, width: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> "LayerMoments":
+        mean = torch.zeros(2, width, dtype=dtype, device=device)
+        return cls(torch.zeros(2, dtype=dtype, device=device), mean, torch.zeros_like(mean))
 
 
 def _check_stats(labels: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,

@@ -18,11 +18,17 @@ BACKEND_ENV = "CNA_FAST_BACKEND"
 BACKENDS = ("torch", "triton")
 
 
-def backend_for(tensor: torch.Tensor) -> str:
-    """"triton" or "torch" for kernels whose inputs live where `tensor` does."""
+def forced_backend() -> str | None:
+    """The backend CNA_FAST_BACKEND forces ("torch" or "triton"), or None when it is unset or empty."""
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced and forced not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)} (or unset), got {forced!r}")
+    return forced or None
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """"triton" or "torch" for kernels whose inputs live where `tensor` does."""
+    forced = forced_backend()
     if forced == "torch":
         return "torch"
     if forced == "triton":

@@ -1,12 +1,13 @@
 """Architecture adapters: where each layer's MLP neurons live.
 
-A neuron is one coordinate of the input to the MLP's down projection (DESIGN.md): `act(gate) * up`
+A neuron is one coordinate of the input to the MLP's down projection (docs/architecture.md): `act(gate) * up`
 in gated MLPs, `act(fc_in(x))` in plain ones. Every adapter therefore names the down projection;
 its input is captured with a forward pre-hook, which works the same for `nn.Linear`, GPT-2's
 `Conv1D` and bitsandbytes' quantized linears (their input stays in the compute dtype).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,14 +126,23 @@ class ModelAdapter:
         """Device that holds layer `layer`'s MLP (differs per layer under a device_map)."""
         return next(self.down_projs[layer].parameters()).device
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What a circuit must agree with to be applied to this model."""
+    def architecture(self) -> dict[str, Any]:
+        """What a circuit must agree with to be applied to this model: model type, layer count, widths."""
         uniform = len(set(self.widths)) == 1
         return {
             "model_type": self.model_type,
             "num_layers": self.num_layers,
             "d_ff": self.widths[0] if uniform else list(self.widths),
         }
+
+
+def _deprecated_fingerprint(self: ModelAdapter) -> dict[str, Any]:
+    """Deprecated name of `architecture()`."""
+    warnings.warn("ModelAdapter.fingerprint() is deprecated: use architecture()", DeprecationWarning, stacklevel=2)
+    return self.architecture()
+
+
+ModelAdapter.fingerprint = _deprecated_fingerprint
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import CNAError, UnsupportedArchitectureError
-from ..models import get_adapter
-from ..models.adapters import ModelAdapter
-from .activations import activation_kind, apply_activation
-from .dispatch import act_and_capture, act_and_scale, act_and_scale_sparse
+from ..kernels import (LayerMoments, act_and_capture, act_and_scale, act_and_scale_sparse, activation_kind,
+                       apply_activation, backend_for, forced_backend)
+from ..hooks import HookSet
+from .adapters import ModelAdapter, get_adapter
 
 Elementwise = Callable[[torch.Tensor, Union[torch.Tensor, None]], torch.Tensor]
 LayerScale = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -26,19 +26,25 @@ _ACTIVATION_ATTRIBUTES = ("act_fn", "act", "activation_fn")  # Llama-likes, GPT-
 _PATCH_MARK = "_cna_fast_fused"
 
 
-@dataclass
-class LayerMoments:
-    """Running statistics of one layer, updated in place: count [2], mean and m2 [2, d_ff] (side 0, side 1)."""
+def _backend_error(error: Exception) -> CNAError:
+    return CNAError(f"{error}; unset CNA_FAST_BACKEND (or set it to torch) to use the plain torch path")
 
-    count: torch.Tensor
-    mean: torch.Tensor
-    m2: torch.Tensor
 
-    @classmethod
-    def zeros(cls, width: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> "LayerMoments":
-        mean = torch.zeros(2, width, dtype=dtype, device=device)
-        return cls(torch.zeros(2, dtype=dtype, device=device), mean, torch.zeros_like(mean))
+def check_backend_setting() -> None:
+    """Fail early, before a model loads, when CNA_FAST_BACKEND asks for something this machine cannot do."""
+    try:
+        if forced_backend() == "triton":
+            backend_for(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, RuntimeError) as error:
+        raise _backend_error(error) from None
+
+
+def fused_backend(adapter: ModelAdapter, layer: int) -> str:
+    """"triton" when `layer`'s MLP should run the fused kernels, else "torch" (hooks)."""
+    try:
+        return backend_for(next(adapter.neuron_site(layer).parameters()))
+    except (ValueError, RuntimeError) as error:
+        raise _backend_error(error) from None
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,10 @@ class FusedMLP:
         def projection(path: str) -> nn.Module:
             return mlp.get_submodule(path.removeprefix(prefix))
 
-        kind = activation_kind(adapter.activation)
+        try:
+            kind = activation_kind(adapter.activation)
+        except ValueError as error:
+            raise UnsupportedArchitectureError(f"{error}; use the torch backend (CNA_FAST_BACKEND=torch)") from None
         _check_activation_module(mlp, kind)
         dropout = getattr(mlp, "dropout", None)
         return cls(gate=projection(spec.gate) if spec.gate else None, up=projection(spec.up),
@@ -107,24 +116,14 @@ def _patched_forwards(model: nn.Module,
                       forwards: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """Replace each layer's MLP forward for the duration of the block; restore the exact previous state."""
     adapter = get_adapter(model)
-    missing = object()
-    saved: list[tuple[nn.Module, object]] = []
-    try:
+    with HookSet() as hooks:
         for layer, forward in forwards.items():
             mlp = adapter.mlp(layer)
-            previous = mlp.__dict__.get("forward", missing)
-            if getattr(previous, _PATCH_MARK, False):
+            if getattr(mlp.__dict__.get("forward"), _PATCH_MARK, False):
                 raise CNAError(f"layer {layer}'s MLP already runs a fused forward; exit that patch first")
             setattr(forward, _PATCH_MARK, True)
-            saved.append((mlp, previous))
-            mlp.forward = forward
+            hooks.replace_forward(mlp, forward)
         yield
-    finally:
-        for mlp, previous in reversed(saved):
-            if previous is missing:
-                del mlp.forward
-            else:
-                mlp.forward = previous
 
 
 def _check_layer(adapter: ModelAdapter, layer: int) -> None:

@@ -1,0 +1,231 @@
+"""The one-way flow in the code: module dependencies, settings, hooks that never leak, eval-mode capture."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import cna_fast
+from cna_fast import CaptureSettings, discover, get_adapter
+from cna_fast.circuit import Circuit
+from cna_fast.errors import CNAError
+from cna_fast.hooks import HookSet
+from cna_fast.models.fused import patched_scale
+from cna_fast.pipeline import run_identity
+from cna_fast.steering import AddDirections, Steering
+from tests.conftest import NEGATIVE, POSITIVE
+from tests.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "cna_fast"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the cna_fast modules `path` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[:len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("cna_fast")}
+
+
+def test_attribution_is_pure():
+    """attribution imports nothing from capture, models or steering: statistics in, circuit out."""
+    forbidden = ("cna_fast.capture", "cna_fast.models", "cna_fast.steering", "cna_fast.pipeline")
+    imported = _imported_modules(PACKAGE / "attribution.py") - {"cna_fast.pipeline"}  # the deprecated-name shim
+    assert not [name for name in imported if name.startswith(forbidden)], imported
+
+
+def test_kernels_depend_on_torch_and_triton_only():
+    for path in (PACKAGE / "kernels").glob("*.py"):
+        outside = [name for name in _imported_modules(path) if not name.startswith("cna_fast.kernels")]
+        assert not outside, f"{path.name} imports {outside}"
+
+
+def test_benchmarks_use_public_names_only():
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        private = [name for name in _imported_modules(path) if any(part.startswith("_") and part != "__init__"
+                                                                   for part in name.split("."))]
+        assert not private, f"{path.name} imports {private}"
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = ast.unparse(node.value)
+                assert owner not in ("capturer", "recorder", "cna_fast"), f"{path.name}: {owner}.{node.attr}"
+
+
+def test_functions_and_classes_are_short_unless_a_comment_says_why():
+    """No function over ~60 lines and no class over ~150, unless a comment right above says why ("Longer than")."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            limit = 150 if isinstance(node, ast.ClassDef) else 60
+            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+            above = first - 2
+            while above >= 0 and lines[above].lstrip().startswith("#") and "longer than" not in lines[above].lower():
+                above -= 1
+            explained = above >= 0 and "longer than" in lines[above].lower()
+            if node.end_lineno - node.lineno + 1 > limit and not explained:
+                too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not too_long
+
+
+def test_docs_stay_inside_the_repository():
+    for path in [ROOT / "README.md", *PACKAGE.rglob("*.py")]:
+        assert "../shared/DESIGN.md" not in path.read_text(), path
+    assert (ROOT / "docs" / "architecture.md").is_file()
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(module._forward_pre_hooks) + len(module._forward_hooks) for module in model.modules())
+
+
+def _patched_mlps(model: nn.Module) -> list[int]:
+    adapter = get_adapter(model)
+    return [layer for layer in range(adapter.num_layers) if "forward" in adapter.mlp(layer).__dict__]
+
+
+def _circuit(model: nn.Module, layers: list[int], neurons: list[int]) -> Circuit:
+    count = len(layers)
+    return Circuit(layers=torch.tensor(layers), neurons=torch.tensor(neurons), scores=torch.ones(count),
+                   deltas=torch.ones(count), mean_positive=torch.ones(count), mean_negative=torch.zeros(count),
+                   std_positive=torch.ones(count), std_negative=torch.ones(count),
+                   meta={"fingerprint": get_adapter(model).architecture()})
+
+
+def test_failed_add_directions_leaves_no_hooks(tiny_llama):
+    """The old leak: hooks for layers 0 and 1 were registered before layer 99 was refused."""
+    directions = torch.ones(3, tiny_llama.config.hidden_size)
+    with pytest.raises(CNAError, match="layer 99"):
+        AddDirections(tiny_llama, torch.tensor([0, 1, 99]), directions, 1.0)
+    with pytest.raises(CNAError, match="one direction per layer"):
+        AddDirections(tiny_llama, torch.tensor([0, 1]), directions, 1.0)
+    assert _hook_count(tiny_llama) == 0
+
+
+def test_steering_that_fails_halfway_leaves_no_hooks_or_patches(tiny_llama, monkeypatch):
+    """A fused steering patches layer 0, then finds layer 2 already patched: everything it did is undone."""
+    monkeypatch.setenv("CNA_FAST_BACKEND", "triton")  # the tests run Triton under its interpreter
+    width = get_adapter(tiny_llama).widths[2]
+    with patched_scale(tiny_llama, {2: torch.ones(width)}):
+        with pytest.raises(CNAError, match="already runs a fused forward"):
+            Steering(tiny_llama, _circuit(tiny_llama, [0, 2], [1, 3]), multipliers=torch.tensor([[0.0], [2.0]]))
+        assert _hook_count(tiny_llama) == 0
+        assert _patched_mlps(tiny_llama) == [2]  # only the outer patch, still in place
+    assert _patched_mlps(tiny_llama) == []
+
+
+def test_hook_set_undoes_everything_when_building_fails(tiny_llama):
+    adapter = get_adapter(tiny_llama)
+    with pytest.raises(RuntimeError, match="boom"):
+        with HookSet.building() as hooks:
+            hooks.pre_hook(adapter.neuron_site(0), lambda module, args: None)
+            hooks.post_hook(adapter.neuron_site(1), lambda module, args, output: None)
+            hooks.replace_forward(adapter.mlp(3), lambda x: x)
+            raise RuntimeError("boom")
+    assert _hook_count(tiny_llama) == 0 and _patched_mlps(tiny_llama) == []
+
+
+def test_bogus_backend_exits_2_with_one_line_before_loading(model_dir, prompt_files, tmp_path):
+    for value in ("bogus", "cuda-please"):
+        env = {**os.environ, "CNA_FAST_BACKEND": value, "PYTHONPATH": str(ROOT)}
+        result = subprocess.run([sys.executable, "-m", "cna_fast", "discover", "--positive", str(prompt_files[0]),
+                                 "--negative", str(prompt_files[1]), "--model", str(tmp_path / "no-such-model"),
+                                 "--out", str(tmp_path / "c.safetensors"), "--quiet"],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "CNA_FAST_BACKEND" in lines[0] and value in lines[0], result.stderr
+        assert not (tmp_path / "c.safetensors").exists()
+
+
+ALTERNATIVES = {"layers": (0, 1), "reduction": "mean", "chat_template": False, "batch_size": 7,
+                "padding_side": "left", "prefix_cache": False, "max_length": 99, "on_long": "error"}
+
+
+def test_checkpoint_identity_changes_with_every_capture_setting(tiny_llama, tokenizer):
+    assert set(ALTERNATIVES) == {field.name for field in dataclasses.fields(CaptureSettings)}
+    base = run_identity(tiny_llama, tokenizer, POSITIVE, NEGATIVE, CaptureSettings())
+    for name, value in ALTERNATIVES.items():
+        changed = run_identity(tiny_llama, tokenizer, POSITIVE, NEGATIVE, CaptureSettings(**{name: value}))
+        assert changed != base, name
+    template = CaptureSettings(chat_template="{{ messages[0]['content'] }}")
+    assert run_identity(tiny_llama, tokenizer, POSITIVE, NEGATIVE, template) != base
+
+
+def test_settings_are_validated_once_with_clear_errors():
+    for options, pattern in [({"reduction": "first"}, "unknown reduction"), ({"batch_size": 0}, "batch_size"),
+                             ({"padding_side": "middle"}, "padding side"), ({"max_length": 0}, "max_length"),
+                             ({"on_long": "crash"}, "on_long"), ({"layers": "0,1"}, "list of layer numbers"),
+                             ({"chat_template": 3}, "chat_template")]:
+        with pytest.raises(CNAError, match=pattern):
+            CaptureSettings(**options)
+    with pytest.raises(CNAError, match="unknown capture setting"):
+        CaptureSettings.build(batchsize=3)
+    with pytest.warns(DeprecationWarning, match="reduction"):
+        assert CaptureSettings.build(position="mean").reduction == "mean"
+
+
+def test_capture_runs_in_eval_mode_and_restores_the_callers_mode(tokenizer):
+    """Dropout would randomize a circuit found in train mode; capture switches to eval and back."""
+    model = build_tiny_model("llama", len(tokenizer), attention_dropout=0.5)
+    expected = discover(model, tokenizer, POSITIVE, NEGATIVE, top_k=8, progress=False)
+    model.train()
+    model.model.layers[1].eval()  # a mixed state must come back exactly
+    first = discover(model, tokenizer, POSITIVE, NEGATIVE, top_k=8, progress=False)
+    second = discover(model, tokenizer, POSITIVE, NEGATIVE, top_k=8, progress=False)
+    for found in (first, second):
+        assert torch.equal(found.neurons, expected.neurons) and torch.equal(found.scores, expected.scores)
+    assert model.training and model.model.layers[0].training and not model.model.layers[1].training
+    with torch.no_grad():  # and dropout really is active in train mode, so the test can fail
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_deprecated_names_still_work_and_warn(tiny_llama, tokenizer):
+    circuit = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=3, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from cna_fast import attribution
+
+        assert attribution.discover is cna_fast.discover
+        assert get_adapter(tiny_llama).fingerprint() == circuit.fingerprint
+        texts = cna_fast.generate(tiny_llama, tokenizer, ["zebra"], circuit=circuit, max_new_tokens=2, progress=False)
+        with Steering(tiny_llama, circuit) as steering:
+            assert steering.layers is steering.layer_scales
+    assert len(texts) == 1
+    assert sum(issubclass(w.category, DeprecationWarning) for w in caught) >= 5
+    assert cna_fast.UniversalFilter and cna_fast.Steering and cna_fast.CaptureSettings
+
+
+def test_discover_rejects_sloppy_python_inputs(tiny_llama, tokenizer):
+    """A string is not a prompt set, and exclude_layers takes a list: clear errors instead of odd results."""
+    cases = [(("zebra stripes", NEGATIVE), {}, "positive prompts must be a list"),
+             ((POSITIVE, b"bytes"), {}, "negative prompts must be a list"),
+             ((POSITIVE, NEGATIVE), {"exclude_layers": 5}, "exclude_layers must be a list"),
+             ((POSITIVE, NEGATIVE), {"universal_filter": "yes"}, "universal_filter must be"),
+             ((POSITIVE, NEGATIVE), {"exclude_layers": [0, 1, 2, 3]}, "every layer is excluded")]
+    for (positive, negative), options, pattern in cases:
+        with pytest.raises(CNAError, match=pattern):
+            discover(tiny_llama, tokenizer, positive, negative, top_k=3, progress=False, **options)
