@@ -58,7 +58,7 @@ def make_circuit(model: nn.Module, layers: list[int], neurons: list[int]) -> Cir
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
     return Circuit(layers=layers, neurons=neurons, scores=values, deltas=values.clone(), mean_positive=values.clone(),
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n),
-                   meta={"fingerprint": get_adapter(model).fingerprint()})
+                   meta={"fingerprint": get_adapter(model).architecture()})
 
 
 def wide_circuit(model: nn.Module, seed: int = 0) -> Circuit:
@@ -150,7 +150,8 @@ def test_multiplier_one_is_unsteered_and_any_multiplier_equals_folded_weights(mo
     for multiplier in (0.0, 2.0):
         steered = run_job(model, tokenizer, prompt_file, tmp_path / f"m{multiplier}.jsonl",
                           circuits=circuit, multiplier=multiplier, batch_size=4)
-        folded = run_job(folded_copy(model, circuit, multiplier), tokenizer, prompt_file, tmp_path / f"f{multiplier}.jsonl")
+        folded = run_job(folded_copy(model, circuit, multiplier), tokenizer, prompt_file,
+                         tmp_path / f"f{multiplier}.jsonl")
         assert {i: r["output"] for i, r in steered.items()} == {i: r["output"] for i, r in folded.items()}
         assert any(steered[i]["output"] != unsteered[i]["output"] for i in steered), "steering must change text"
         assert all(r["multiplier"] == multiplier and r["circuit"] == "circuit" for r in steered.values())
