@@ -9,6 +9,9 @@ Both engines stop a row at its end-of-sequence token, so "new tokens" are the to
 (the engine's count; greedy answers are the same in both). One round each: this is minutes of CPU.
 
     python -m pytest benchmarks/test_batch_job.py --benchmark-json=benchmarks/results/batch_job.json
+
+CNA_BENCH_BATCH_PROMPTS=N runs fewer prompts and CNA_BENCH_THREADS=T sets torch's threads (both are
+recorded in the results), for a machine too busy for the full run.
 """
 import json
 import os
@@ -23,6 +26,7 @@ from cna_fast.prompts import bundled_prompts
 from cna_fast.steering import generate
 
 N_PROMPTS = int(os.environ.get("CNA_BENCH_BATCH_PROMPTS", "512"))  # fewer only when the machine is too busy
+THREADS = os.environ.get("CNA_BENCH_THREADS")  # 1 on an oversubscribed machine: 2 OpenMP threads then spin-wait
 NEW_TOKENS = 64
 BATCH_SIZE = 16
 _TOKENS: dict[str, int] = {}
@@ -30,6 +34,8 @@ _TOKENS: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    if THREADS:
+        torch.set_num_threads(int(THREADS))
     model, tokenizer = cna_fast.load_model()
     circuit = cna_fast.discover(model, tokenizer, bundled_prompts("french_questions"),
                                 bundled_prompts("english_questions"), progress=False)
