@@ -22,6 +22,7 @@ import torch
 
 import cna_fast
 from cna_fast.batch_job import generate_to_file
+from cna_fast.batching import encode_prompts
 from cna_fast.prompts import bundled_prompts
 from cna_fast.steering import generate
 
@@ -30,6 +31,7 @@ THREADS = os.environ.get("CNA_BENCH_THREADS")  # 1 on an oversubscribed machine:
 NEW_TOKENS = 64
 BATCH_SIZE = 16
 _TOKENS: dict[str, int] = {}
+_LENGTHS: dict[str, dict[int, int]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +49,23 @@ def setup(tmp_path_factory):
 
 
 def _job(setup, steered: bool, batch_size: int) -> int:
+    """Run the batch job; keep each record's new-token count (by prompt index) for the static-batch analysis."""
     model, tokenizer, circuit, _, path = setup
     out = path.with_name(f"out-{steered}-{batch_size}-{time.monotonic_ns()}.jsonl")
     summary = generate_to_file(model, tokenizer, path, out, circuits=circuit if steered else None, multiplier=0.0,
                                max_new_tokens=NEW_TOKENS, batch_size=batch_size, progress=False)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    _LENGTHS["steered" if steered else "unsteered"] = {record["id"] - 1: record["output_tokens"] for record in records}
     return summary.new_tokens
+
+
+def _static_row_steps(setup, lengths: dict[int, int]) -> int:
+    """Decode row-steps today's static batches compute: every row runs until the longest of its batch ends."""
+    _, tokenizer, _, prompts, _ = setup
+    encoded = encode_prompts(tokenizer, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # as steering.generate batches them
+    batches = [order[start:start + BATCH_SIZE] for start in range(0, len(order), BATCH_SIZE)]
+    return sum(len(rows) * max(lengths[i] for i in rows) for rows in batches)
 
 
 def _record(benchmark, tokens: int) -> None:
@@ -71,9 +85,16 @@ def test_continuous_engine(benchmark, setup, steered):
 
 
 def test_static_batches(benchmark, setup):
-    """Today's engine: length-sorted static batches through transformers' generate."""
+    """Today's engine: length-sorted static batches through transformers' generate. Its waste (rows that
+    finished early but still run) is the most continuous batching can win when a step costs the same."""
     model, tokenizer, circuit, prompts, _ = setup
     benchmark.pedantic(lambda: generate(model, tokenizer, prompts, circuits=circuit, multiplier=0.0,
                                         max_new_tokens=NEW_TOKENS, batch_size=BATCH_SIZE, progress=False),
                        rounds=1, warmup_rounds=0)
-    _record(benchmark, _TOKENS.get("steered") or _job(setup, True, BATCH_SIZE))
+    tokens = _TOKENS.get("steered") or _job(setup, True, BATCH_SIZE)
+    row_steps = _static_row_steps(setup, _LENGTHS["steered"])
+    benchmark.extra_info["static_row_steps"] = row_steps
+    benchmark.extra_info["useful_fraction"] = tokens / row_steps
+    print(f"\nstatic batches compute {row_steps} decode row-steps for {tokens} new tokens "
+          f"({100 * tokens / row_steps:.1f}% useful)", flush=True)
+    _record(benchmark, tokens)

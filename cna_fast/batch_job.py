@@ -149,7 +149,7 @@ def _settings(model: nn.Module, source: PromptSource, circuits: _Circuits, optio
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     settings = {"model": getattr(model, "name_or_path", ""), "model_config": config_hash,
                 "dtype": str(next(model.parameters()).dtype), "prompts": source.spec,
-                "prompts_sha256": source.fingerprint(), "skip_bad": source.skip_bad,
+                "prompts_sha256": source.content_hash(), "skip_bad": source.skip_bad,
                 "circuits": circuits.fingerprint(), "default_circuit": circuits.default,
                 "multiplier": circuits.multiplier, **options}
     if not options["do_sample"]:
