@@ -77,11 +77,14 @@ def _record(benchmark, tokens: int) -> None:
           f"{benchmark.extra_info['tokens_per_s']:.1f} tok/s", flush=True)
 
 
-@pytest.mark.parametrize("steered", [False, True], ids=["unsteered", "steered"])
-def test_continuous_engine(benchmark, setup, steered):
+def _engine(benchmark, setup, steered: bool) -> None:
     tokens = benchmark.pedantic(lambda: _job(setup, steered, BATCH_SIZE), rounds=1, warmup_rounds=0)
     _TOKENS["steered" if steered else "unsteered"] = tokens
     _record(benchmark, tokens)
+
+
+def test_continuous_engine_steered(benchmark, setup):
+    _engine(benchmark, setup, True)
 
 
 def test_static_batches(benchmark, setup):
@@ -98,3 +101,7 @@ def test_static_batches(benchmark, setup):
     print(f"\nstatic batches compute {row_steps} decode row-steps for {tokens} new tokens "
           f"({100 * tokens / row_steps:.1f}% useful)", flush=True)
     _record(benchmark, tokens)
+
+
+def test_continuous_engine_unsteered(benchmark, setup):
+    _engine(benchmark, setup, False)
