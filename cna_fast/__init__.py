@@ -17,6 +17,7 @@ from .steering import Steering, caa, generate, steer
 from .export import export_folded, export_lora
 from .gguf_export import export_gguf
 from .tune import tune
+from .batch_job import generate_to_file
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "export_gguf",
     "export_lora",
     "generate",
+    "generate_to_file",
     "get_adapter",
     "load_model",
     "read_prompts",

@@ -132,13 +132,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", help="write a PNG of the layer distribution and score magnitudes")
 
     generate = commands.add_parser("generate", help="generate with a circuit's neurons scaled")
-    generate.add_argument("--circuit", required=True)
+    generate.add_argument("--circuit", required=True, action="append", metavar="[NAME=]PATH",
+                          help="circuit file; with --out, repeat as NAME=PATH so records can pick one by name "
+                               "(the first is the default)")
     generate.add_argument("--multiplier", type=_finite,
                           help="0 ablates, 1 is the identity, 2 doubles (default: the circuit's tuned one, else 0)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv)")
     generate.add_argument("--compare", action="store_true", help="also generate unsteered, side by side")
+    generate.add_argument("--out", help="stream results to this JSONL file, one line per record; a rerun with the "
+                                        "same settings resumes it (default: print to stdout)")
+    generate.add_argument("--skip-bad", action="store_true", help="with --out: skip bad records and report them")
+    generate.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus sampling mass")
     _add_generation_options(generate)
 
     sweep = commands.add_parser("sweep", help="generate at several multipliers in one batched run")
@@ -403,16 +409,58 @@ def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: f
     return texts[:len(prompts)], texts[len(prompts):]
 
 
+def _run_generate_job(args, named: dict[str, str]) -> None:
+    """`cna generate --out FILE`: the streaming, resumable batch job (cna_fast.batch_job)."""
+    from .batch_job import generate_to_file
+    from .circuit import Circuit
+    from .models import load_model
+    from .prompts import PromptSource
+
+    if args.prompts is None:
+        raise CNAError("--out needs --prompts FILE (a prompt file, or hf:NAME:SPLIT:COLUMN)")
+    if args.compare:
+        raise CNAError("--compare prints baseline and steered side by side; it does not combine with --out")
+    settings = _generation_settings(args)
+    source = PromptSource(args.prompts, skip_bad=args.skip_bad)
+    if next(iter(source), None) is None:
+        raise CNAError(f"prompt file {args.prompts!r} contains no prompts")
+    circuits = {name: Circuit.load(path) for name, path in named.items()}
+    for name, circuit in circuits.items():
+        _check_circuit_model(circuit, named[name], args.model)
+    multiplier = recorded_multiplier(args.multiplier, next(iter(circuits.values())), 0.0)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    summary = generate_to_file(
+        model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat_template=settings["chat_template"],
+        positions=args.positions, progress=not args.quiet)
+    if summary.bad:
+        print(f"skipped {len(summary.bad)} bad records (first: {summary.bad[0]})", file=sys.stderr)
+    print(f"wrote {summary.written} records ({summary.new_tokens} new tokens) to {args.out} in {summary.seconds:.1f}s; "
+          f"{summary.resumed} were already there", file=sys.stderr)
+
+
 def run_generate(args) -> None:
     import torch
+
+    from .paths import named_circuit_paths
 
     from .prompts import read_prompts
     from .steering import generate
 
+    named = named_circuit_paths(args.circuit)
+    if args.out is not None:
+        _run_generate_job(args, named)
+        return
+    if len(named) > 1:
+        raise CNAError("several --circuit need --out (a batch job whose records pick a circuit by name)")
+    args.circuit = next(iter(named.values()))
     if args.prompt is not None and not args.prompt.strip():
         raise CNAError("--prompt is empty")
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts, skip_bad=args.skip_bad)
     settings = _generation_settings(args)
+    if args.sample:
+        settings["top_p"] = args.top_p
     circuit, model, tokenizer = _load_with_circuit(args)
     args.multiplier = recorded_multiplier(args.multiplier, circuit, 0.0)
     torch.manual_seed(args.seed)

@@ -88,7 +88,7 @@ def _checkpoint(args) -> str | None:
 
 # Per command: its output options and its input options (argparse destinations, shown as flags).
 _OUTPUTS = {"discover": ("out", "json", "csv", "save_stats"), "tune": ("out", "csv", "json", "plot"),
-            "inspect": ("plot",), "sweep": ("out", "plot"),
+            "generate": ("out",), "inspect": ("plot",), "sweep": ("out", "plot"),
             "eval": ("csv", "json", "plot", "html"), "demo": ("out", "plot", "csv")}
 _INPUTS = {"discover": ("positive", "negative"), "inspect": ("circuit",), "generate": ("circuit", "prompts"),
            "sweep": ("circuit", "prompts"), "export": ("circuit",), "eval": ("circuit", "prompts", "judge_labels"),
@@ -104,6 +104,11 @@ def check_command_paths(args) -> None:
         outputs["--out"] = args.out  # a file, checked like every other output
     inputs = {(f"--{name}" if name != "circuit" or args.command != "inspect" else "circuit"): getattr(args, name)
               for name in _INPUTS.get(args.command, ()) if getattr(args, name, None)}
+    if isinstance(inputs.get("--circuit"), list):  # cna generate: --circuit [NAME=]PATH, repeated
+        from .paths import named_circuit_paths
+
+        for name, path in named_circuit_paths(inputs.pop("--circuit")).items():
+            inputs[f"--circuit {name}"] = path
     if args.command != "inspect":
         inputs["--model"] = _model_input(args)
         check_model_folder(getattr(args, "model", None))

@@ -27,6 +27,15 @@ class BadRecord:
     reason: str
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """A usable record: its line (record number for datasets), its prompt, and all its fields (jsonl, csv, dataset)."""
+
+    line: int
+    prompt: str
+    fields: dict
+
+
 class PromptSource:
     """A prompt set read lazily, record by record, so its size never matters.
 
@@ -59,9 +68,13 @@ class PromptSource:
             self.suffix = suffix
 
     def __iter__(self) -> Iterator[str]:
+        return (record.prompt for record in self.records())
+
+    def records(self) -> Iterator[PromptRecord]:
+        """The usable records with their line numbers and fields; bad ones are handled as in iteration."""
         self.bad = []
         records = self._dataset_records() if self.path is None else self._file_records()
-        for line, value in records:
+        for line, value, fields in records:
             reason = None
             if isinstance(value, BadRecord):
                 reason = value.reason
@@ -70,7 +83,7 @@ class PromptSource:
             elif not value.strip():
                 reason = "empty text"
             if reason is None:
-                yield value
+                yield PromptRecord(line, value, fields)
                 continue
             self.bad.append(BadRecord(line, reason))
             if not self.skip_bad:
@@ -91,21 +104,21 @@ class PromptSource:
                 except UnicodeDecodeError:
                     yield number, BadRecord(number, "not valid UTF-8")
 
-    def _file_records(self) -> Iterator[tuple[int, object]]:
+    def _file_records(self) -> Iterator[tuple[int, object, dict]]:
         if self.suffix == ".txt":
             for number, line in self._lines():
                 if isinstance(line, BadRecord) or line.strip():
-                    yield number, line if isinstance(line, BadRecord) else line.strip()
+                    yield number, line if isinstance(line, BadRecord) else line.strip(), {}
         elif self.suffix == ".jsonl":
             for number, line in self._lines():
                 if isinstance(line, BadRecord):
-                    yield number, line
+                    yield number, line, {}
                 elif line.strip():
-                    yield number, _json_prompt(line)
+                    yield number, *_json_prompt(line)
         else:
             yield from self._csv_records()
 
-    def _csv_records(self) -> Iterator[tuple[int, object]]:
+    def _csv_records(self) -> Iterator[tuple[int, object, dict]]:
         undecodable: list[int] = []
 
         def decoded() -> Iterator[str]:
@@ -125,14 +138,14 @@ class PromptSource:
             for row in reader:
                 while undecodable:
                     number = undecodable.pop(0)
-                    yield number, BadRecord(number, "not valid UTF-8")
+                    yield number, BadRecord(number, "not valid UTF-8"), {}
                 if row:
                     yield reader.line_num, row[column] if column < len(row) else BadRecord(
-                        reader.line_num, "row has no prompt column")
+                        reader.line_num, "row has no prompt column"), dict(zip(header, row))
         except csv.Error as error:
             raise CNAError(f"{self.spec}:{reader.line_num}: malformed CSV ({error})") from None
 
-    def _dataset_records(self) -> Iterator[tuple[int, object]]:
+    def _dataset_records(self) -> Iterator[tuple[int, object, dict]]:
         try:
             import datasets
         except ImportError:
@@ -148,7 +161,7 @@ class PromptSource:
                            "need the dataset cached or saved to disk (hf:FOLDER:SPLIT:COLUMN)") from None
         for number, record in enumerate(data, start=1):
             yield number, record[self.column] if self.column in record else BadRecord(
-                number, f"no column {self.column!r} (columns: {', '.join(record)})")
+                number, f"no column {self.column!r} (columns: {', '.join(record)})"), dict(record)
 
     def fingerprint(self) -> str:
         """Deprecated name of `content_hash()`."""
@@ -166,15 +179,16 @@ class PromptSource:
         return digest.hexdigest()
 
 
-def _json_prompt(line: str) -> object:
+def _json_prompt(line: str) -> tuple[object, dict]:
+    """The prompt of one jsonl line (or why it has none) and the record's fields."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        return BadRecord(0, f"not valid JSON ({error.msg})")
+        return BadRecord(0, f"not valid JSON ({error.msg})"), {}
     if not isinstance(record, dict):
-        return BadRecord(0, "not a JSON object")
+        return BadRecord(0, "not a JSON object"), {}
     value = next((record[key] for key in PROMPT_FIELDS if key in record), None)
-    return value if value is not None else BadRecord(0, "no 'prompt' or 'text' field")
+    return (value if value is not None else BadRecord(0, "no 'prompt' or 'text' field")), record
 
 
 def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False) -> list[str]:

@@ -291,6 +291,15 @@ def _checked_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
+def __getattr__(name: str):
+    """`steering.generate_to_file` is the batch job (cna_fast.batch_job), imported on first use (it needs steering)."""
+    if name == "generate_to_file":
+        from .batch_job import generate_to_file
+
+        return generate_to_file
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _rows_for(multipliers: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
     return None if multipliers is None or multipliers.dim() == 1 else multipliers[rows]
 
