@@ -116,9 +116,7 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
     settings, excluded = _search_settings(adapter, CaptureSettings.build(settings, **options), exclude_layers)
     if top_k is not None:
         resolve_top_k(top_k, top_frac, adapter.num_neurons, adapter.neurons_in(settings.layers))
-    moe = isinstance(adapter, MoEAdapter)
-    if moe and universal_filter is not False and universal_filter is not None:
-        raise CNAError("the universal-neuron filter does not cover mixture-of-experts models yet: run without it")
+    moe = _is_moe(adapter, universal_filter)
     saver = None
     if checkpoint is not None:
         saver = Checkpoint(checkpoint, checkpoint_every, run_identity(model, tokenizer, positive, negative, settings),
@@ -129,11 +127,23 @@ def discover(model: nn.Module, tokenizer, positive: Iterable[str], negative: Ite
         _save_stats(stats, save_stats, model, tokenizer, settings, distributed)
     universal = _universal_mask(universal_filter, model, tokenizer, settings, progress)
     meta = _provenance(model, tokenizer, settings, universal is not None)
+    return _circuit(model, stats, universal, moe, top_k=top_k, top_frac=top_frac, score=score,
+                    exclude_layers=excluded, total_neurons=adapter.num_neurons, meta=meta)
+
+
+def _is_moe(adapter, universal_filter) -> bool:
+    """Whether the model is mixture-of-experts (where the universal-neuron filter is refused, for now)."""
+    moe = isinstance(adapter, MoEAdapter)
+    if moe and universal_filter is not False and universal_filter is not None:
+        raise CNAError("the universal-neuron filter does not cover mixture-of-experts models yet: run without it")
+    return moe
+
+
+def _circuit(model: nn.Module, stats, universal: torch.Tensor | None, moe: bool, **settings) -> Circuit:
+    """Attribution of dense or MoE statistics; dense circuits also get their CAA directions."""
     if moe:  # no CAA directions yet: the MoE output also depends on the routing
-        return attribute_moe(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
-                             total_neurons=adapter.num_neurons, meta=meta)
-    circuit = attribute(stats, top_k=top_k, top_frac=top_frac, score=score, exclude_layers=excluded,
-                        universal=universal, total_neurons=adapter.num_neurons, meta=meta)
+        return attribute_moe(stats, **settings)
+    circuit = attribute(stats, universal=universal, **settings)
     circuit.caa_layers, circuit.caa_directions = mlp_output_directions(model, stats)
     return circuit
 

@@ -135,10 +135,8 @@ class Steering:
         self._prompt_part = 0  # how many leading positions of the current forward belong to the prompt
         self._previous_ids: torch.Tensor | None = None
         self._moe_rows = None  # MoE models: rows of the current forward (shared experts see tokens flattened)
-        probe = next(adapter.mlp(int(self.circuits[0].layers[0])).parameters())
-        check_multiplier_fits(self.multipliers, probe.dtype)
-        # On CUDA (or with CNA_FAST_BACKEND=triton) the scaling runs inside the fused MLP kernel, unless positions
-        # are restricted, another fused steering already patches the MLPs, or the model is MoE (hooks only).
+        check_multiplier_fits(self.multipliers, next(adapter.mlp(int(self.circuits[0].layers[0])).parameters()).dtype)
+        # The fused MLP kernel scales on CUDA (CNA_FAST_BACKEND=triton) unless positions, fused already, or MoE.
         moe = isinstance(adapter, MoEAdapter)
         backend = fused_backend(adapter, int(self.circuits[0].layers[0]))
         self.fused = positions == "all" and backend == "triton" and not any(other.fused for other in active) and not moe
