@@ -230,3 +230,16 @@ def test_discover_rejects_sloppy_python_inputs(tiny_llama, tokenizer):
     for (positive, negative), options, pattern in cases:
         with pytest.raises(CNAError, match=pattern):
             discover(tiny_llama, tokenizer, positive, negative, top_k=3, progress=False, **options)
+
+
+def test_readme_layout_lists_every_module():
+    """The README's Layout names every module of the package (kernels/ as one entry)."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ")] if "\n## " in layout else layout
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if path.name in ("__init__.py", "__main__.py") or relative.startswith("cna_fast/kernels/"):
+            continue
+        assert relative in layout, f"README Layout does not list {relative}"
+    assert "cna_fast/kernels/" in layout
