@@ -11,7 +11,13 @@ import time
 import warnings
 from typing import Sequence
 
+from .batching import LONG_PROMPT_POLICIES
 from .errors import CNAError
+from .evaluate import BEHAVIORS, DEFAULT_STRENGTHS, METHODS
+from .gguf_export import GGUF_TYPES
+from .models.loading import COMPUTE_DTYPES
+from .settings import MOE_MODES
+from .tune import DEFAULT_KL_BUDGET, DEFAULT_QUALITY_FLOOR, GOALS
 from .failures import EXIT_BAD_INPUT, EXIT_INTERRUPTED, check_command_paths, classify_failure
 from .validation import printable
 
@@ -42,11 +48,11 @@ def _add_discovery_options(parser: argparse.ArgumentParser) -> None:
                         help="mean difference (default), Welch t, or Cohen's d")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="most prompts per forward pass (length buckets may use fewer)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES,
                         help="compute dtype (default float32 on CPU, bfloat16 on CUDA); statistics are float64")
     parser.add_argument("--universal-filter", action="store_true",
                         help="drop neurons that fire for everything (bundled diverse prompts)")
-    parser.add_argument("--moe-mode", choices=("effective", "conditional"), default="effective",
+    parser.add_argument("--moe-mode", choices=MOE_MODES, default="effective",
                         help="mixture-of-experts models: routed-neuron statistics of router weight x activation "
                              "(0 when not routed; default) or over routed tokens only")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
@@ -82,13 +88,13 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES)
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_judge_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--behavior", choices=("refusal", "french", "english"), default="refusal",
+    parser.add_argument("--behavior", choices=sorted(BEHAVIORS), default="refusal",
                         help="what counts as the behavior in an answer (refusal: the rule judge, unless --judge)")
     parser.add_argument("--judge", metavar="MODEL_OR_PATH",
                         help="grade refusal with a local chat model (rubric prompt, yes/no next-token probabilities)")
@@ -96,12 +102,7 @@ def _add_judge_options(parser: argparse.ArgumentParser) -> None:
                         help="human-labeled answers (prompt, request, answer, label): print the judges' agreement")
 
 
-# Longer than 60 lines: the declarations of every subcommand; split per command once the open
-# branches that add commands and options have merged.
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cna", description="Contrastive Neuron Attribution, fast.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_discover_parser(commands) -> None:
     discover = commands.add_parser("discover", help="find the neurons that separate two prompt sets")
     discover.add_argument("--positive", required=True, help="prompts that show the behavior (.txt/.jsonl/.csv)")
     discover.add_argument("--negative", required=True, help="prompts that do not (.txt/.jsonl/.csv)")
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--skip-bad", action="store_true",
                           help="skip bad records (missing field, empty text, undecodable line) and report them")
     discover.add_argument("--max-length", type=int, help="token limit per prompt (default: the model's context)")
-    discover.add_argument("--on-long", choices=("truncate", "error"), default="truncate",
+    discover.add_argument("--on-long", choices=LONG_PROMPT_POLICIES, default="truncate",
                           help="what to do with longer prompts (truncate keeps the template prefix and the end)")
     discover.add_argument("--checkpoint-every", type=int, metavar="N",
                           help="save statistics and stream position to --checkpoint at the end of a tokenization "
@@ -126,11 +127,15 @@ def _parser() -> argparse.ArgumentParser:
                           help="also write the contrast statistics (.safetensors) for `cna tune --stats`")
     _add_discovery_options(discover)
 
+
+def _add_inspect_parser(commands) -> None:
     inspect = commands.add_parser("inspect", help="summarize a circuit file")
     inspect.add_argument("circuit")
     inspect.add_argument("--top", type=int, default=20, help="how many top neurons to list")
     inspect.add_argument("--plot", help="write a PNG of the layer distribution and score magnitudes")
 
+
+def _add_generate_parser(commands) -> None:
     generate = commands.add_parser("generate", help="generate with a circuit's neurons scaled")
     generate.add_argument("--circuit", required=True, action="append", metavar="[NAME=]PATH",
                           help="circuit file; with --out, repeat as NAME=PATH so records can pick one by name "
@@ -147,15 +152,19 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus sampling mass")
     _add_generation_options(generate)
 
+
+def _add_sweep_parser(commands) -> None:
     sweep = commands.add_parser("sweep", help="generate at several multipliers in one batched run")
     sweep.add_argument("--circuit", required=True)
-    sweep.add_argument("--multipliers", type=_finite_list, default=[0.0, 0.5, 1.0, 2.0], metavar="0,0.5,1,2")
+    sweep.add_argument("--multipliers", type=_finite_list, default=list(DEFAULT_STRENGTHS), metavar="0,0.5,1,2")
     sweep.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.csv)")
     sweep.add_argument("--out", help="CSV of every generation with its behavior, quality and answer perplexity")
     sweep.add_argument("--plot", help="PNG of behavior rate and quality against the multiplier")
     _add_judge_options(sweep)
     _add_generation_options(sweep)
 
+
+def _add_export_parser(commands) -> None:
     export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, help="default: the multiplier the circuit records (cna tune)")
@@ -166,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="output folder: new or empty (or a previous export with --force); for gguf, a .gguf file")
     export.add_argument("--model",
                         help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
-    export.add_argument("--gguf-type", choices=("F32", "F16", "BF16", "Q8_0"),
+    export.add_argument("--gguf-type", choices=GGUF_TYPES,
                         help="type of the rewritten ffn_down tensors (default: the source's when it is one of "
                              "these, else F16)")
     export.add_argument("--force", action="store_true",
@@ -175,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-vllm-check", action="store_true",
                         help="lora: allow ranks above vLLM's maximum (512) and skip vLLM's adapter checks (PEFT only)")
 
+
+def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     evaluate.add_argument("--circuit", required=True)
     evaluate.add_argument("--prompts", required=True, help="prompts whose answers show the behavior")
@@ -190,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_judge_options(evaluate)
     _add_generation_options(evaluate)
 
+
+def _add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="French-vs-English discovery on the embedded default model")
     demo.add_argument("--out", help="also save the circuit here")
     demo.add_argument("--held-out", type=int, default=16, help="held-out French questions to steer")
@@ -199,6 +212,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", help="with --evaluate: PNG of French-answer rate, quality and KL against strength")
     demo.add_argument("--csv", help="with --evaluate: the metrics as CSV")
     _add_discovery_options(demo)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cna", description="Contrastive Neuron Attribution, fast.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_discover_parser(commands)
+    _add_inspect_parser(commands)
+    _add_generate_parser(commands)
+    _add_sweep_parser(commands)
+    _add_export_parser(commands)
+    _add_evaluate_parser(commands)
+    _add_demo_parser(commands)
     _add_tune_parser(commands)
     return parser
 
@@ -563,7 +588,7 @@ def run_eval(args) -> None:
     from .prompts import read_prompts
 
     baselines = [] if args.baseline.strip() == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
-    unknown = [b for b in baselines if b not in ("caa", "random")]
+    unknown = [b for b in baselines if b not in METHODS or b == "cna"]
     if unknown:
         raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, or none")
     prompts = read_prompts(args.prompts)
@@ -573,7 +598,7 @@ def run_eval(args) -> None:
     behavior = _behavior_judge(args)
     if args.multipliers is None:
         tuned = circuit.meta.get("multiplier")
-        args.multipliers = [0.0, 0.5, 1.0, 2.0] if tuned is None else sorted({1.0, float(tuned)})
+        args.multipliers = list(DEFAULT_STRENGTHS) if tuned is None else sorted({1.0, float(tuned)})
     import torch
 
     torch.manual_seed(args.seed)
@@ -678,7 +703,7 @@ def _demo_evaluation(args, model, tokenizer, circuit) -> None:
     held_out = bundled_prompts("french_heldout")
     print(f"\nevaluation on {len(held_out)} held-out French questions (behavior = answer in French), "
           "strength = multiplier for CNA and random, alpha = strength - 1 for CAA:")
-    result = compare_methods(model, tokenizer, circuit, held_out, [0.0, 0.5, 1.0, 2.0], behavior="french",
+    result = compare_methods(model, tokenizer, circuit, held_out, DEFAULT_STRENGTHS, behavior="french",
                              max_new_tokens=40, batch_size=32, progress=not args.quiet)
     print(result.table())
     if args.csv:
@@ -717,10 +742,12 @@ def _add_tune_parser(commands) -> None:
     tune.add_argument("--eval-prompts", required=True, help="held-out prompts whose answers show the behavior")
     tune.add_argument("--behavior", default="refusal", help="what counts as the behavior in an answer: "
                       "refusal, french, english, ... (a name in cna_fast.evaluate.BEHAVIORS)")
-    tune.add_argument("--goal", choices=("remove", "induce"), default="remove",
+    tune.add_argument("--goal", choices=GOALS, default="remove",
                       help="remove the behavior (ablate: 0,0.5,-0.5,-1) or induce it (amplify: 1.5,2,3)")
-    tune.add_argument("--kl-budget", type=_finite, default=0.1, help="most KL on neutral text, nats (default 0.1)")
-    tune.add_argument("--quality-floor", type=_finite, default=0.9, help="least answer quality (default 0.9)")
+    tune.add_argument("--kl-budget", type=_finite, default=DEFAULT_KL_BUDGET,
+                      help=f"most KL on neutral text, nats (default {DEFAULT_KL_BUDGET:g})")
+    tune.add_argument("--quality-floor", type=_finite, default=DEFAULT_QUALITY_FLOOR,
+                      help=f"least answer quality (default {DEFAULT_QUALITY_FLOOR:g})")
     tune.add_argument("--sizes", type=_finite_list, metavar="0.0003,0.001,50",
                       help="circuit sizes: fractions of all neurons (< 1) or counts (default 0.03%% to 2%%)")
     tune.add_argument("--multipliers", type=_finite_list, metavar="0,-0.5", help="default: by --goal")
@@ -734,7 +761,7 @@ def _add_tune_parser(commands) -> None:
                       help="how a prompt's tokens become samples (see cna discover)")
     tune.add_argument("--exclude-layers", type=_layer_list, default=[], metavar="0,1")
     tune.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    tune.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    tune.add_argument("--dtype", choices=COMPUTE_DTYPES)
     tune.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     tune.add_argument("--out", required=True, help="the chosen circuit (.safetensors), its multiplier recorded")
     tune.add_argument("--csv", help="every setting measured, as CSV")

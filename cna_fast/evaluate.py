@@ -205,6 +205,7 @@ def multiple_choice_accuracy(model, tokenizer, questions: Sequence[dict] | None 
 
 
 METHODS = ("cna", "caa", "random")
+DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0)
 _COLUMNS = (("behavior_rate", 8, ".3f"), ("quality", 7, ".3f"), ("answer_ppl", 10, ".2f"), ("kl", 7, ".4f"),
             ("perplexity", 8, ".2f"), ("mc_accuracy", 6, ".3f"))
 
@@ -306,7 +307,7 @@ def _capability_rows(model, tokenizer, circuit, control, configs, neutral, quest
 
 
 def compare_methods(model, tokenizer, circuit, prompts: Sequence[str],
-                    strengths: Sequence[float] = (0.0, 0.5, 1.0, 2.0), *, methods: Sequence[str] = METHODS,
+                    strengths: Sequence[float] = DEFAULT_STRENGTHS, *, methods: Sequence[str] = METHODS,
                     behavior: Callable | str = "refusal", neutral: Sequence[str] | None = None,
                     questions: Sequence[dict] | None = None, capability: bool = True, max_new_tokens: int = 48,
                     batch_size: int = 16, seed: int = 0, progress: bool = True, positions: str = "all",

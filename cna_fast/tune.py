@@ -40,6 +40,8 @@ from .tune_result import Candidate, TuneResult, better_key, choose
 ABLATE = (0.0, 0.5, -0.5, -1.0)
 AMPLIFY = (1.5, 2.0, 3.0)
 GOALS = ("remove", "induce")
+DEFAULT_KL_BUDGET = 0.1  # nats of mean next-token KL on neutral text
+DEFAULT_QUALITY_FLOOR = 0.9
 # Circuit sizes as fractions of all MLP neurons, roughly log-spaced from 0.03% to 2%, with the
 # paper's 0.1% among them so that its recipe is always one of the rows.
 DEFAULT_FRACTIONS = (0.0003, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02)
@@ -385,7 +387,7 @@ def _validated(eval_prompts, kl_budget: float, quality_floor: float, scores: Seq
 
 def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
          eval_prompts: Sequence[str] = (), *, behavior: str | Callable[[str], bool | float] = "refusal",
-         goal: str = "remove", kl_budget: float = 0.1, quality_floor: float = 0.9,
+         goal: str = "remove", kl_budget: float = DEFAULT_KL_BUDGET, quality_floor: float = DEFAULT_QUALITY_FLOOR,
          sizes: Sequence[float] | None = None, multipliers: Sequence[float] | None = None,
          scores: Sequence[str] = SCORES, neutral: Sequence[str] | None = None, stats: NeuronStats | None = None,
          iterative: int = 0, max_new_tokens: int = 40, rungs: int = 2, eta: int = 3, position: str = "last",

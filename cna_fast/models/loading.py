@@ -78,13 +78,16 @@ def _quantization_config(quantization: str | None, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
-            raise CNAError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+            raise CNAError(f"unknown dtype {dtype!r}: use {', '.join(COMPUTE_DTYPES)}")
         return resolved
     return dtype
 
