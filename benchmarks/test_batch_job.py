@@ -105,3 +105,35 @@ def test_static_batches(benchmark, setup):
 
 def test_continuous_engine_unsteered(benchmark, setup):
     _engine(benchmark, setup, False)
+
+
+def test_steering_overhead_same_answers(benchmark, setup):
+    """Steering's own cost on the same engine: the circuit at multiplier 1 (every hook runs, the answers are
+    the unsteered ones, so both runs do identical work) against no steering, in interleaved rounds so that
+    load on a shared machine hits both alike. The median of the per-round ratios is the overhead."""
+    model, tokenizer, circuit, prompts, path = setup
+    rounds = int(os.environ.get("CNA_BENCH_OVERHEAD_ROUNDS", "3"))
+    subset = path.with_name("overhead-prompts.jsonl")
+    subset.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts[:64]))
+
+    def run(steered: bool) -> float:
+        out = subset.with_name(f"overhead-{steered}-{time.monotonic_ns()}.jsonl")
+        started = time.perf_counter()
+        generate_to_file(model, tokenizer, subset, out, circuits=circuit if steered else None, multiplier=1.0,
+                         max_new_tokens=NEW_TOKENS, batch_size=BATCH_SIZE, progress=False)
+        return time.perf_counter() - started
+
+    ratios = []
+
+    def interleaved() -> None:
+        for _ in range(rounds):
+            plain, steered = run(False), run(True)
+            ratios.append(steered / plain)
+
+    benchmark.pedantic(interleaved, rounds=1, warmup_rounds=0)
+    ratios.sort()
+    benchmark.extra_info["overhead_median"] = ratios[len(ratios) // 2] - 1.0
+    benchmark.extra_info["overhead_rounds"] = [ratio - 1.0 for ratio in ratios]
+    print(f"\nsteering overhead at multiplier 1 (same answers), {rounds} interleaved rounds of 64 prompts: "
+          f"median {100 * (ratios[len(ratios) // 2] - 1):+.1f}%, all {[f'{100 * (r - 1):+.1f}%' for r in ratios]}",
+          flush=True)
