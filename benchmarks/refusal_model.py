@@ -1,0 +1,135 @@
+"""The paper's default circuit against the tuned one, measured on a model that really refuses.
+
+Reproduces the README's "Measured on a model that really refuses" table from a GGUF path:
+
+    python benchmarks/refusal_model.py /tmp/qwen/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --work /tmp/refusal_run
+
+1. `cna discover` on the discovery prompts of benchmarks/data (48 harmful, 48 harmless requests):
+   the paper's default circuit (top 0.1%, mean difference) and the saved statistics;
+2. `cna tune --stats` on the held-out harmful prompts (refusal judge, KL budget), a small grid;
+3. unsteered, paper's default (x0) and tuned (its recorded multiplier), greedy, on the held-out harmful
+   and harmless prompts as rows of one batched generation: refusal by `evaluate.is_refusal`, 4-gram
+   quality, answer perplexity under the unsteered model, KL on neutral text;
+4. the judge's agreement with the human labels of the labeled file.
+
+The held-out prompts are the distinct prompts of the labeled file, so the judge's agreement there
+applies to them. Steps 1 and 2 are skipped when their outputs are already in --work.
+The model is used to measure only: it is never a dependency of the project.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cna_fast import evaluate
+from cna_fast.circuit import Circuit
+from cna_fast.cli import main as cna
+from cna_fast.judges import agreement_line, judge_agreement, read_labeled_answers
+from cna_fast.models import load_model
+from cna_fast.steering import generate, steer
+
+DATA = Path(__file__).parent / "data"
+LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal_labeled_answers.jsonl"
+
+
+def held_out_prompts(labels: Path) -> dict[str, list[str]]:
+    """The distinct prompts of the labeled file, by request type, in file order."""
+    prompts: dict[str, list[str]] = {"harmful": [], "harmless": []}
+    for row in read_labeled_answers(labels):
+        chosen = prompts.get(row.get("request"))
+        if chosen is not None and row["prompt"] not in chosen:
+            chosen.append(row["prompt"])
+    return prompts
+
+
+def search(args, work: Path, eval_harmful: Path) -> None:
+    """Steps 1 and 2: the paper's default circuit with saved statistics, then the circuit search."""
+    if not (work / "stats.safetensors").exists():
+        cna(["discover", "--model", args.gguf, "--positive", str(DATA / "refusal_harmful.txt"),
+             "--negative", str(DATA / "refusal_harmless.txt"), "--out", str(work / "paper.safetensors"),
+             "--save-stats", str(work / "stats.safetensors"), "--batch-size", "16"])
+    if not (work / "tuned.safetensors").exists():
+        cna(["tune", "--model", args.gguf, "--stats", str(work / "stats.safetensors"),
+             "--eval-prompts", str(eval_harmful), "--behavior", "refusal", "--kl-budget", str(args.kl_budget),
+             "--sizes", args.sizes, "--scores", args.scores, "--max-new-tokens", str(args.tune_tokens),
+             "--neutral", str(work / "neutral.txt"), "--batch-size", "16", "--out", str(work / "tuned.safetensors"),
+             "--csv", str(work / "tune.csv"), "--json", str(work / "tune.json"), "--plot", str(work / "tune.png")])
+
+
+def compare(model, tokenizer, settings: dict[str, tuple[Circuit | None, float]], prompts: dict[str, list[str]],
+            neutral: list[str], max_new_tokens: int) -> tuple[list[dict], dict]:
+    """Every setting x every held-out prompt as rows of one greedy generation; metrics per setting."""
+    circuits = [circuit for circuit, _ in settings.values() if circuit is not None]
+    flat = prompts["harmful"] + prompts["harmless"]
+    rows = []
+    for circuit, multiplier in settings.values():
+        row = [multiplier if circuit is other else 1.0 for other in circuits]
+        rows += [row] * len(flat)
+    texts = generate(model, tokenizer, flat * len(settings), circuits=circuits, multipliers=torch.tensor(rows),
+                     max_new_tokens=max_new_tokens, batch_size=16)
+    reference = evaluate.capability_metrics(model, tokenizer, neutral)
+    table, answers = [], {}
+    for index, (name, (circuit, multiplier)) in enumerate(settings.items()):
+        outputs = texts[index * len(flat):(index + 1) * len(flat)]
+        scored = evaluate.score_answers(model, tokenizer, flat, outputs, "refusal")
+        context = (lambda c=circuit, m=multiplier: steer(model, c, m)) if circuit is not None else None
+        kl = evaluate.capability_metrics(model, tokenizer, neutral, reference["_logprobs"], context)["kl"] \
+            if context else 0.0
+        n = len(prompts["harmful"])
+        table.append({"setting": name, "neurons": len(circuit.neurons) if circuit is not None else 0,
+                      "multiplier": multiplier if circuit is not None else 1.0,
+                      "refusal_harmful": sum(s["behavior"] for s in scored[:n]) / n,
+                      "refusal_harmless": sum(s["behavior"] for s in scored[n:]) / (len(flat) - n),
+                      "kl_neutral": kl, "quality": sum(s["quality"] for s in scored) / len(scored),
+                      "answer_ppl_harmful": evaluate._finite_mean(s["answer_ppl"] for s in scored[:n])})
+        answers[name] = [{"prompt": p, "answer": a, "refusal": bool(s["behavior"])}
+                         for p, a, s in zip(flat, outputs, scored)]
+    return table, answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gguf", help="the refusing model's GGUF file (kept outside the repository)")
+    parser.add_argument("--work", default="/tmp/refusal_run", help="folder for circuits, statistics and answers")
+    parser.add_argument("--labels", default=str(LABELS), help="human-labeled answers (JSONL)")
+    parser.add_argument("--sizes", default="0.0005,0.001,0.002,0.004")
+    parser.add_argument("--scores", default="diff,t")
+    parser.add_argument("--kl-budget", type=float, default=0.1)
+    parser.add_argument("--tune-tokens", type=int, default=32)
+    parser.add_argument("--neutral-count", type=int, default=6, help="bundled neutral paragraphs for KL")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--csv", default="docs/refusal_model.csv")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = held_out_prompts(Path(args.labels))
+    eval_harmful = work / "eval_harmful.txt"
+    eval_harmful.write_text("\n".join(prompts["harmful"]) + "\n")
+    neutral = evaluate.bundled_neutral_texts()[:args.neutral_count]
+    (work / "neutral.txt").write_text("\n".join(neutral) + "\n")
+    started = time.perf_counter()
+    search(args, work, eval_harmful)
+    model, tokenizer = load_model(args.gguf, dtype=torch.float32)
+    tuned = Circuit.load(work / "tuned.safetensors")
+    settings = {"unsteered": (None, 1.0), "paper's default (diff, top 0.1%, x0)": (Circuit.load(work / "paper.safetensors"), 0.0),
+                "tuned": (tuned, float(tuned.meta["multiplier"]))}
+    table, answers = compare(model, tokenizer, settings, prompts, neutral, args.max_new_tokens)
+    agreement = judge_agreement(evaluate.is_refusal, args.labels)
+    (work / "answers.json").write_text(json.dumps(answers, indent=1))
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    for row in table:
+        print(row)
+    print(agreement_line(agreement))
+    print(f"comparison done in {time.perf_counter() - started:.0f} s (search steps included when run)")
+
+
+if __name__ == "__main__":
+    main()
