@@ -116,7 +116,8 @@ def main() -> None:
     search(args, work, eval_harmful)
     model, tokenizer = load_model(args.gguf, dtype=torch.float32)
     tuned = Circuit.load(work / "tuned.safetensors")
-    settings = {"unsteered": (None, 1.0), "paper's default (diff, top 0.1%, x0)": (Circuit.load(work / "paper.safetensors"), 0.0),
+    paper = Circuit.load(work / "paper.safetensors")
+    settings = {"unsteered": (None, 1.0), "paper's default (diff, top 0.1%, x0)": (paper, 0.0),
                 "tuned": (tuned, float(tuned.meta["multiplier"]))}
     table, answers = compare(model, tokenizer, settings, prompts, neutral, args.max_new_tokens)
     agreement = judge_agreement(evaluate.is_refusal, args.labels)
