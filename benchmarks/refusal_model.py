@@ -8,8 +8,8 @@ Reproduces the README's "Measured on a model that really refuses" table from a G
    the paper's default circuit (top 0.1%, mean difference) and the saved statistics;
 2. `cna tune --stats` on the held-out harmful prompts (refusal judge, KL budget), a small grid;
 3. unsteered, paper's default (x0) and tuned (its recorded multiplier), greedy, on the held-out harmful
-   and harmless prompts as rows of one batched generation: refusal by `evaluate.is_refusal`, 4-gram
-   quality, answer perplexity under the unsteered model, KL on neutral text;
+   and harmless prompts: refusal by `evaluate.is_refusal`, 4-gram
+   quality, answer perplexity (harmful prompts) under the unsteered model, KL on neutral text;
 4. the judge's agreement with the human labels of the labeled file.
 
 The held-out prompts are the distinct prompts of the labeled file, so the judge's agreement there
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -56,39 +57,35 @@ def search(args, work: Path, eval_harmful: Path) -> None:
     if not (work / "tuned.safetensors").exists():
         cna(["tune", "--model", args.gguf, "--stats", str(work / "stats.safetensors"),
              "--eval-prompts", str(eval_harmful), "--behavior", "refusal", "--kl-budget", str(args.kl_budget),
-             "--sizes", args.sizes, "--scores", args.scores, "--max-new-tokens", str(args.tune_tokens),
+             "--sizes", args.sizes, "--multipliers", args.multipliers, "--scores", args.scores,
+             "--max-new-tokens", str(args.tune_tokens),
              "--neutral", str(work / "neutral.txt"), "--batch-size", "16", "--out", str(work / "tuned.safetensors"),
              "--csv", str(work / "tune.csv"), "--json", str(work / "tune.json"), "--plot", str(work / "tune.png")])
 
 
 def compare(model, tokenizer, settings: dict[str, tuple[Circuit | None, float]], prompts: dict[str, list[str]],
             neutral: list[str], max_new_tokens: int) -> tuple[list[dict], dict]:
-    """Every setting x every held-out prompt as rows of one greedy generation; metrics per setting."""
-    circuits = [circuit for circuit, _ in settings.values() if circuit is not None]
+    """Greedy answers of every setting to every held-out prompt; metrics per setting."""
     flat = prompts["harmful"] + prompts["harmless"]
-    rows = []
-    for circuit, multiplier in settings.values():
-        row = [multiplier if circuit is other else 1.0 for other in circuits]
-        rows += [row] * len(flat)
-    texts = generate(model, tokenizer, flat * len(settings), circuits=circuits, multipliers=torch.tensor(rows),
-                     max_new_tokens=max_new_tokens, batch_size=16)
     reference = evaluate.capability_metrics(model, tokenizer, neutral)
     table, answers = [], {}
-    for index, (name, (circuit, multiplier)) in enumerate(settings.items()):
-        outputs = texts[index * len(flat):(index + 1) * len(flat)]
-        scored = evaluate.score_answers(model, tokenizer, flat, outputs, "refusal")
+    for name, (circuit, multiplier) in settings.items():
+        outputs = generate(model, tokenizer, flat, circuits=circuit, multiplier=multiplier,
+                           max_new_tokens=max_new_tokens, batch_size=16)
+        n = len(prompts["harmful"])
+        refusals = [evaluate.is_refusal(text) for text in outputs]
+        qualities = [evaluate.quality(text) for text in outputs]
+        perplexities = evaluate.answer_perplexity(model, tokenizer, flat[:n], outputs[:n])
         context = (lambda c=circuit, m=multiplier: steer(model, c, m)) if circuit is not None else None
         kl = evaluate.capability_metrics(model, tokenizer, neutral, reference["_logprobs"], context)["kl"] \
             if context else 0.0
-        n = len(prompts["harmful"])
-        table.append({"setting": name, "neurons": len(circuit.neurons) if circuit is not None else 0,
+        finite = [value for value in perplexities if math.isfinite(value)]
+        table.append({"setting": name, "neurons": len(circuit) if circuit is not None else 0,
                       "multiplier": multiplier if circuit is not None else 1.0,
-                      "refusal_harmful": sum(s["behavior"] for s in scored[:n]) / n,
-                      "refusal_harmless": sum(s["behavior"] for s in scored[n:]) / (len(flat) - n),
-                      "kl_neutral": kl, "quality": sum(s["quality"] for s in scored) / len(scored),
-                      "answer_ppl_harmful": evaluate._finite_mean(s["answer_ppl"] for s in scored[:n])})
-        answers[name] = [{"prompt": p, "answer": a, "refusal": bool(s["behavior"])}
-                         for p, a, s in zip(flat, outputs, scored)]
+                      "refusal_harmful": sum(refusals[:n]) / n, "refusal_harmless": sum(refusals[n:]) / (len(flat) - n),
+                      "kl_neutral": kl, "quality": sum(qualities) / len(qualities),
+                      "answer_ppl_harmful": sum(finite) / len(finite) if finite else float("nan")})
+        answers[name] = [{"prompt": p, "answer": a, "refusal": r} for p, a, r in zip(flat, outputs, refusals)]
     return table, answers
 
 
@@ -97,11 +94,14 @@ def main() -> None:
     parser.add_argument("gguf", help="the refusing model's GGUF file (kept outside the repository)")
     parser.add_argument("--work", default="/tmp/refusal_run", help="folder for circuits, statistics and answers")
     parser.add_argument("--labels", default=str(LABELS), help="human-labeled answers (JSONL)")
-    parser.add_argument("--sizes", default="0.0005,0.001,0.002,0.004")
+    parser.add_argument("--sizes", default="0.001,0.002,0.004")
     parser.add_argument("--scores", default="diff,t")
     parser.add_argument("--kl-budget", type=float, default=0.1)
     parser.add_argument("--tune-tokens", type=int, default=32)
-    parser.add_argument("--neutral-count", type=int, default=6, help="bundled neutral paragraphs for KL")
+    parser.add_argument("--multipliers", default="0,-0.5,-1")
+    parser.add_argument("--neutral-count", type=int, default=2, help="bundled neutral paragraphs for the search's KL")
+    parser.add_argument("--compare-neutral-count", type=int, default=6,
+                        help="bundled neutral paragraphs for the table's KL")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--csv", default="docs/refusal_model.csv")
     args = parser.parse_args()
@@ -110,8 +110,8 @@ def main() -> None:
     prompts = held_out_prompts(Path(args.labels))
     eval_harmful = work / "eval_harmful.txt"
     eval_harmful.write_text("\n".join(prompts["harmful"]) + "\n")
-    neutral = evaluate.bundled_neutral_texts()[:args.neutral_count]
-    (work / "neutral.txt").write_text("\n".join(neutral) + "\n")
+    neutral = evaluate.bundled_neutral_texts()
+    (work / "neutral.txt").write_text("\n".join(neutral[:args.neutral_count]) + "\n")
     started = time.perf_counter()
     search(args, work, eval_harmful)
     model, tokenizer = load_model(args.gguf, dtype=torch.float32)
@@ -119,7 +119,8 @@ def main() -> None:
     paper = Circuit.load(work / "paper.safetensors")
     settings = {"unsteered": (None, 1.0), "paper's default (diff, top 0.1%, x0)": (paper, 0.0),
                 "tuned": (tuned, float(tuned.meta["multiplier"]))}
-    table, answers = compare(model, tokenizer, settings, prompts, neutral, args.max_new_tokens)
+    table, answers = compare(model, tokenizer, settings, prompts, neutral[:args.compare_neutral_count],
+                             args.max_new_tokens)
     agreement = judge_agreement(evaluate.is_refusal, args.labels)
     (work / "answers.json").write_text(json.dumps(answers, indent=1))
     with open(args.csv, "w", newline="") as handle:
