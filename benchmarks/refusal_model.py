@@ -65,27 +65,28 @@ def search(args, work: Path, eval_harmful: Path) -> None:
 
 def compare(model, tokenizer, settings: dict[str, tuple[Circuit | None, float]], prompts: dict[str, list[str]],
             neutral: list[str], max_new_tokens: int) -> tuple[list[dict], dict]:
-    """Greedy answers of every setting to every held-out prompt; metrics per setting."""
-    flat = prompts["harmful"] + prompts["harmless"]
+    """Greedy answers of every setting to every held-out prompt set; metrics per setting."""
     reference = evaluate.capability_metrics(model, tokenizer, neutral)
     table, answers = [], {}
     for name, (circuit, multiplier) in settings.items():
-        outputs = generate(model, tokenizer, flat, circuits=circuit, multiplier=multiplier,
-                           max_new_tokens=max_new_tokens, batch_size=16)
-        n = len(prompts["harmful"])
-        refusals = [evaluate.is_refusal(text) for text in outputs]
-        qualities = [evaluate.quality(text) for text in outputs]
-        perplexities = evaluate.answer_perplexity(model, tokenizer, flat[:n], outputs[:n])
         context = (lambda c=circuit, m=multiplier: steer(model, c, m)) if circuit is not None else None
-        kl = evaluate.capability_metrics(model, tokenizer, neutral, reference["_logprobs"], context)["kl"] \
-            if context else 0.0
-        finite = [value for value in perplexities if math.isfinite(value)]
-        table.append({"setting": name, "neurons": len(circuit) if circuit is not None else 0,
-                      "multiplier": multiplier if circuit is not None else 1.0,
-                      "refusal_harmful": sum(refusals[:n]) / n, "refusal_harmless": sum(refusals[n:]) / (len(flat) - n),
-                      "kl_neutral": kl, "quality": sum(qualities) / len(qualities),
-                      "answer_ppl_harmful": sum(finite) / len(finite) if finite else float("nan")})
-        answers[name] = [{"prompt": p, "answer": a, "refusal": r} for p, a, r in zip(flat, outputs, refusals)]
+        row = {"setting": name, "neurons": len(circuit) if circuit is not None else 0,
+               "multiplier": multiplier if circuit is not None else 1.0,
+               "kl_neutral": evaluate.capability_metrics(model, tokenizer, neutral, reference["_logprobs"],
+                                                         context)["kl"] if context else 0.0}
+        answers[name] = {}
+        for kind, kind_prompts in prompts.items():
+            outputs = generate(model, tokenizer, kind_prompts, circuits=circuit, multiplier=multiplier,
+                               max_new_tokens=max_new_tokens, batch_size=16)
+            refusals = [evaluate.is_refusal(text) for text in outputs]
+            perplexities = [value for value in evaluate.answer_perplexity(model, tokenizer, kind_prompts, outputs)
+                            if math.isfinite(value)]
+            row[f"refusal_{kind}"] = sum(refusals) / len(refusals)
+            row[f"quality_{kind}"] = sum(evaluate.quality(text) for text in outputs) / len(outputs)
+            row[f"answer_ppl_{kind}"] = sum(perplexities) / len(perplexities) if perplexities else float("nan")
+            answers[name][kind] = [{"prompt": p, "answer": a, "refusal": r}
+                                   for p, a, r in zip(kind_prompts, outputs, refusals)]
+        table.append(row)
     return table, answers
 
 
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--compare-neutral-count", type=int, default=6,
                         help="bundled neutral paragraphs for the table's KL")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--sets", default="harmful,harmless", help="held-out prompt sets to answer")
+    parser.add_argument("--settings", default="unsteered,paper,tuned",
+                        help="settings to compare (the search runs only when tuned is among them)")
     parser.add_argument("--csv", default="docs/refusal_model.csv")
     args = parser.parse_args()
     work = Path(args.work)
@@ -113,16 +117,20 @@ def main() -> None:
     neutral = evaluate.bundled_neutral_texts()
     (work / "neutral.txt").write_text("\n".join(neutral[:args.neutral_count]) + "\n")
     started = time.perf_counter()
-    search(args, work, eval_harmful)
+    wanted = args.settings.split(",")
+    if "tuned" in wanted:
+        search(args, work, eval_harmful)
     model, tokenizer = load_model(args.gguf, dtype=torch.float32)
-    tuned = Circuit.load(work / "tuned.safetensors")
-    paper = Circuit.load(work / "paper.safetensors")
-    settings = {"unsteered": (None, 1.0), "paper's default (diff, top 0.1%, x0)": (paper, 0.0),
-                "tuned": (tuned, float(tuned.meta["multiplier"]))}
-    table, answers = compare(model, tokenizer, settings, prompts, neutral[:args.compare_neutral_count],
+    settings = {"unsteered": (None, 1.0), "paper": (Circuit.load(work / "paper.safetensors"), 0.0)}
+    if "tuned" in wanted:
+        tuned = Circuit.load(work / "tuned.safetensors")
+        settings["tuned"] = (tuned, float(tuned.meta["multiplier"]))
+    settings = {name: setting for name, setting in settings.items() if name in wanted}
+    chosen_sets = {kind: prompts[kind] for kind in args.sets.split(",")}
+    table, answers = compare(model, tokenizer, settings, chosen_sets, neutral[:args.compare_neutral_count],
                              args.max_new_tokens)
     agreement = judge_agreement(evaluate.is_refusal, args.labels)
-    (work / "answers.json").write_text(json.dumps(answers, indent=1))
+    (work / f"answers_{'_'.join(settings)}.json").write_text(json.dumps(answers, indent=1))
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
