@@ -9,7 +9,10 @@ from tests.naive_reference import naive_discover
 def test_default_model_loads_with_expected_architecture(default_model):
     model, tokenizer = default_model
     adapter = cna_fast.get_adapter(model)
-    assert adapter.architecture() == {"model_type": "llama", "num_layers": 30, "d_ff": 1536}
+    architecture = adapter.architecture()
+    assert {key: architecture[key] for key in ("model_type", "num_layers", "d_ff", "d_model")} == {
+        "model_type": "llama", "num_layers": 30, "d_ff": 1536, "d_model": 576}
+    assert architecture["weights"]["dtype"] == "float32"  # the content sample that tells fine-tunes apart
     assert adapter.num_neurons == 46_080
     assert tokenizer.chat_template and tokenizer.pad_token_id is not None
 
