@@ -11,7 +11,7 @@ import torch
 
 import cna_fast
 from cna_fast import get_adapter
-from cna_fast.batching import encode_prompts, pad_batch, pad_token_id, plan_batches, shared_prefix
+from cna_fast.batching import encode_prompts, pad_after_prefix, pad_token_id, plan_batches, shared_prefix
 from cna_fast.capture import SharedPrefix
 from tests.naive_reference import naive_discover
 
@@ -53,8 +53,7 @@ def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
     batches = []
     for planned in plan_batches(encode_prompts(tokenizer, prompts), [0] * len(prompts), BATCH_SIZE, tokens):
         offset = len(tokens) if planned.uses_prefix else 0
-        batch = pad_batch(planned.sequences, planned.labels, pad_id, "right", position_offset=offset)
-        mask = torch.cat([torch.ones(len(planned.sequences), offset, dtype=torch.long), batch.attention_mask], dim=1)
+        batch, mask = pad_after_prefix(planned.sequences, planned.labels, pad_id, offset)
         batches.append((batch, mask, planned.uses_prefix))
     return prefix, batches
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cna_fast import capture_contrast
-from cna_fast.batching import encode_prompts, pad_batch, pad_token_id, plan_batches, shared_prefix
+from cna_fast.batching import encode_prompts, pad_after_prefix, pad_token_id, plan_batches, shared_prefix
 from tests.test_streaming import varied_prompts
 from tests.tiny import build_tokenizer
 from tests.tiny_moe import build_tiny_moe
@@ -42,8 +42,7 @@ def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
     batches = []
     for planned in plan_batches(encode_prompts(tokenizer, prompts), [0] * len(prompts), BATCH_SIZE, tokens):
         offset = len(tokens) if planned.uses_prefix else 0
-        batch = pad_batch(planned.sequences, planned.labels, pad_id, "right", position_offset=offset)
-        mask = torch.cat([torch.ones(len(planned.sequences), offset, dtype=torch.long), batch.attention_mask], dim=1)
+        batch, mask = pad_after_prefix(planned.sequences, planned.labels, pad_id, offset)
         batches.append((batch, mask, planned.uses_prefix))
     return tokens, batches
 

@@ -113,6 +113,25 @@ def pad_batch(sequences: Sequence[Sequence[int]], labels: Sequence[int], pad_id:
                  padding_side)
 
 
+def pad_after_prefix(sequences: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int,
+                     prefix_length: int) -> tuple[Batch, torch.Tensor]:
+    """A right-padded batch of prompts that continue a cached prefix, and the mask over prefix + prompt.
+
+    Right padding keeps prefix and prompt contiguous: sliding-window attention measures distance in
+    cache slots, and pads in between would push the prefix out. Positions start after the prefix.
+    """
+    batch = pad_batch(sequences, labels, pad_id, "right", position_offset=prefix_length)
+    prefix_mask = torch.ones(len(sequences), prefix_length, dtype=batch.attention_mask.dtype)
+    return batch, torch.cat([prefix_mask, batch.attention_mask], dim=1)
+
+
+def sample_labels(batch: Batch, reduction: str) -> torch.Tensor:
+    """The group label of each sample row: one per prompt, or one per real token for reduction "all"."""
+    if reduction == "all":
+        return batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
+    return batch.labels
+
+
 def length_buckets(lengths: Sequence[int], max_rows: int, overhead_tokens: int = BATCH_OVERHEAD_TOKENS,
                    max_tokens: int = BATCH_MAX_TOKENS) -> list[tuple[int, int]]:
     """Split ascending `lengths` into consecutive batches that minimize padded work.

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import (MIN_PREFIX_TOKENS, WINDOW_BATCHES, Batch, LengthLimit, PlannedBatch, check_prompt,
-                       context_length, encode_prompts, length_buckets, pad_batch, pad_token_id, plan_batches,
-                       shared_prefix, uses_chat_template, windows)
+                       context_length, encode_prompts, length_buckets, pad_after_prefix, pad_batch, pad_token_id,
+                       plan_batches, sample_labels, shared_prefix, uses_chat_template, windows)
 from .checkpoint import Checkpoint
 from .errors import CNAError
 from .hooks import HookSet
@@ -217,9 +217,7 @@ class _DeviceStats:
 
     def add(self, forward: _Forward, rows: list[torch.Tensor], reduction: str) -> None:
         batch = forward.batch
-        labels = batch.labels
-        if reduction == "all":
-            labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
+        labels = sample_labels(batch, reduction)
         for slots, stats in self.parts:
             stats.update([rows[slot] for slot in slots], labels)
             if forward.prefix is not None and reduction == "all":
@@ -388,12 +386,7 @@ class Capturer:
             return _Forward(batch, batch, None, None)
         if self._shared is None:
             self._shared = SharedPrefix(self.model, self.prefix, self.layers)
-        offset = len(self.prefix)
-        # Prefixed batches are right-padded so prefix and prompt stay contiguous: sliding-window
-        # attention measures distance in cache slots, and pads in between would push the prefix out.
-        batch = pad_batch(planned.sequences, planned.labels, self.pad_id, "right", position_offset=offset)
-        mask = torch.cat([torch.ones(len(planned.sequences), offset, dtype=batch.attention_mask.dtype),
-                          batch.attention_mask], dim=1)
+        batch, mask = pad_after_prefix(planned.sequences, planned.labels, self.pad_id, len(self.prefix))
         full = Batch(batch.input_ids, mask, batch.position_ids, batch.labels, batch.lengths, batch.padding_side)
         return _Forward(batch, full, self._shared.cache_for(len(planned.sequences)), self._shared)
 

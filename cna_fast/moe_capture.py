@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import Batch, pad_batch
+from .batching import Batch, pad_batch, sample_labels
 from .capture import Capturer, SharedPrefix, _forward_body, _Recorder, _StopForward
 from .errors import CNAError
 from .hooks import HookSet
@@ -182,10 +182,7 @@ class _MoEAccumulator:
         return hook
 
     def add(self, forward, rows: list[torch.Tensor], reduction: str) -> None:
-        batch = forward.batch
-        labels = batch.labels
-        if reduction == "all":
-            labels = batch.labels[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
+        labels = sample_labels(forward.batch, reduction)
         for slots, stats in self.parts:
             stats.update([rows[slot] for slot in slots], labels)
 
