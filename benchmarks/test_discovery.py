@@ -11,8 +11,8 @@ import torch
 
 import cna_fast
 from cna_fast import get_adapter
-from cna_fast.batching import encode_prompts, pad_after_prefix, pad_token_id, plan_batches, shared_prefix
 from cna_fast.capture import SharedPrefix
+from benchmarks.floor import floor_batches
 from tests.naive_reference import naive_discover
 
 BATCH_SIZE = 32  # the default: at most 32 prompts per forward pass
@@ -45,16 +45,10 @@ def test_naive_reference(benchmark, default_model, contrast_prompts):
 
 
 def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
-    """The batches cna_fast runs (length-sorted), as model-body inputs, and the shared prefix (or None)."""
-    tokens = shared_prefix(tokenizer) if use_prefix else []
+    """The batches cna_fast runs (length-sorted), as model-body inputs, plus the shared prefix (or None)."""
+    tokens, batches = floor_batches(tokenizer, prompts, BATCH_SIZE, use_prefix)
     # Computing the prefix's keys/values once happens outside the timed region, as in cna_fast.
     prefix = SharedPrefix(model, tokens, list(range(get_adapter(model).num_layers))) if tokens else None
-    pad_id = pad_token_id(tokenizer)
-    batches = []
-    for planned in plan_batches(encode_prompts(tokenizer, prompts), [0] * len(prompts), BATCH_SIZE, tokens):
-        offset = len(tokens) if planned.uses_prefix else 0
-        batch, mask = pad_after_prefix(planned.sequences, planned.labels, pad_id, offset)
-        batches.append((batch, mask, planned.uses_prefix))
     return prefix, batches
 
 

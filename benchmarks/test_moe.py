@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cna_fast import capture_contrast
-from cna_fast.batching import encode_prompts, pad_after_prefix, pad_token_id, plan_batches, shared_prefix
+from benchmarks.floor import floor_batches
 from tests.test_streaming import varied_prompts
 from tests.tiny import build_tokenizer
 from tests.tiny_moe import build_tiny_moe
@@ -35,23 +35,11 @@ def moe_setup():
     return model, tokenizer, varied_prompts(PER_SIDE, 1, "zebra "), varied_prompts(PER_SIDE, 2)
 
 
-def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
-    """The batches cna_fast runs (length-sorted), as model-body inputs, and the shared prefix's tokens."""
-    tokens = shared_prefix(tokenizer) if use_prefix else []
-    pad_id = pad_token_id(tokenizer)
-    batches = []
-    for planned in plan_batches(encode_prompts(tokenizer, prompts), [0] * len(prompts), BATCH_SIZE, tokens):
-        offset = len(tokens) if planned.uses_prefix else 0
-        batch, mask = pad_after_prefix(planned.sequences, planned.labels, pad_id, offset)
-        batches.append((batch, mask, planned.uses_prefix))
-    return tokens, batches
-
-
 def _floor(model, tokenizer, prompts: list[str], use_prefix: bool):
     """A function that runs the same batches through the bare model body: no hooks, no statistics."""
     from transformers import DynamicCache
 
-    tokens, batches = _floor_batches(model, tokenizer, prompts, use_prefix)
+    tokens, batches = floor_batches(tokenizer, prompts, BATCH_SIZE, use_prefix)
     prefix_kv = None
     if tokens:  # the prefix's keys/values are computed once, outside the timed region
         cache = DynamicCache(config=model.config)
