@@ -48,7 +48,8 @@ def _floor_batches(model, tokenizer, prompts: list[str], use_prefix: bool):
     """The batches cna_fast runs (length-sorted), as model-body inputs, plus the shared prefix (or None)."""
     tokens, batches = floor_batches(tokenizer, prompts, BATCH_SIZE, use_prefix)
     # Computing the prefix's keys/values once happens outside the timed region, as in cna_fast.
-    prefix = SharedPrefix(model, tokens, list(range(get_adapter(model).num_layers))) if tokens else None
+    layers = list(range(get_adapter(model).num_layers))
+    prefix = SharedPrefix(model, tokens, layers, keep_rows=False) if tokens else None
     return prefix, batches
 
 

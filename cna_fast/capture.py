@@ -74,14 +74,20 @@ def _forward_body(model: nn.Module, batch: Batch, cache=None) -> None:
     raise RuntimeError("the forward pass never reached the last captured layer's down projection")
 
 
+def _raise_stop(*hook_args) -> None:
+    """A forward (pre-)hook that ends the pass there."""
+    raise _StopForward
+
+
 class SharedPrefix:
     """The chat template's shared prefix, run once: its keys and values, and its activations per layer.
 
-    tokens: the prefix token ids. layers: the layers whose neuron activations are kept (rows [P, d]
-    each, in `rows`), and the forward stops after the last of them.
+    tokens: the prefix token ids. layers: the forward stops in the MLP of the last of them.
+    keep_rows: also keep each layer's neuron activations (rows [P, d] in `rows`), which the "all"
+    and "mean" reductions fold into every prompt; "last" needs the keys and values only.
     """
 
-    def __init__(self, model: nn.Module, tokens: Sequence[int], layers: Sequence[int]) -> None:
+    def __init__(self, model: nn.Module, tokens: Sequence[int], layers: Sequence[int], keep_rows: bool = True) -> None:
         from transformers import DynamicCache
 
         adapter = get_adapter(model)
@@ -90,16 +96,20 @@ class SharedPrefix:
         self.rows: list[torch.Tensor | None] = [None] * len(layers)
         cache = DynamicCache(config=model.config)
         with HookSet() as hooks:
-            for slot, layer in enumerate(layers):
-                hooks.pre_hook(adapter.neuron_site(layer), self._keeper(slot, stop=layer == max(layers)))
+            if keep_rows:
+                for slot, layer in enumerate(layers):
+                    hooks.pre_hook(adapter.neuron_site(layer), self._keeper(slot))
+            last = max(layers)
+            if adapter.widths[last]:  # stop before the last down projection, as capture's own forwards do
+                hooks.pre_hook(adapter.neuron_site(last), _raise_stop)
+            else:  # an MoE layer of routed experts only: stop after its MLP (the keys and values are complete)
+                hooks.post_hook(adapter.mlp(last), _raise_stop)
             _forward_body(model, pad_batch([self.tokens], [0], 0, "right"), cache)
         self._kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
 
-    def _keeper(self, slot: int, stop: bool):
+    def _keeper(self, slot: int):
         def hook(module, args):
             self.rows[slot] = args[0][0].clone()
-            if stop:
-                raise _StopForward
 
         return hook
 
@@ -385,7 +395,8 @@ class Capturer:
             batch = pad_batch(planned.sequences, planned.labels, self.pad_id, self.settings.padding_side)
             return _Forward(batch, batch, None, None)
         if self._shared is None:
-            self._shared = SharedPrefix(self.model, self.prefix, self.layers)
+            self._shared = SharedPrefix(self.model, self.prefix, self.layers,
+                                        keep_rows=self.settings.reduction != "last")
         batch, mask = pad_after_prefix(planned.sequences, planned.labels, self.pad_id, len(self.prefix))
         full = Batch(batch.input_ids, mask, batch.position_ids, batch.labels, batch.lengths, batch.padding_side)
         return _Forward(batch, full, self._shared.cache_for(len(planned.sequences)), self._shared)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .batching import Batch, pad_batch, sample_labels
-from .capture import Capturer, SharedPrefix, _forward_body, _Recorder, _StopForward
+from .batching import Batch, sample_labels
+from .capture import Capturer, _Recorder, _StopForward
 from .errors import CNAError
 from .hooks import HookSet
 from .models import get_adapter
@@ -104,26 +104,6 @@ class _MoERecorder(_Recorder):
         if hidden.dim() == 2:
             hidden = hidden.view(self._current.batch.input_ids.shape[0], -1, hidden.shape[-1])
         return super()._reduce(slot, hidden)
-
-
-class _MoEPrefix(SharedPrefix):
-    """The shared prefix of an MoE model: its keys and values only ("last" is the one reduction that reuses it)."""
-
-    def __init__(self, model: nn.Module, tokens: Sequence[int], layers: Sequence[int]) -> None:
-        from transformers import DynamicCache
-
-        self.model = model
-        self.tokens = list(tokens)
-        self.rows = [None] * len(layers)
-        cache = DynamicCache(config=model.config)
-        with HookSet() as hooks:
-            hooks.post_hook(get_adapter(model).mlp(max(layers)), _raise_stop)
-            _forward_body(model, pad_batch([self.tokens], [0], 0, "right"), cache)
-        self._kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
-
-
-def _raise_stop(module, args, output) -> None:
-    raise _StopForward
 
 
 class _MoEAccumulator:
@@ -217,11 +197,6 @@ class MoECapturer(Capturer):
 
     def _accumulator(self, n_groups: int, initial: MoEStats | None) -> _MoEAccumulator:
         return _MoEAccumulator(self.adapter, self.layers, n_groups, self.settings.moe_mode, initial)
-
-    def _prepare(self, planned):
-        if planned.uses_prefix and self._shared is None:
-            self._shared = _MoEPrefix(self.model, self.prefix, self.layers)
-        return super()._prepare(planned)
 
 
 def capturer_class(model: nn.Module, settings: CaptureSettings) -> type[Capturer]:
