@@ -1,7 +1,8 @@
 """The batch job on the embedded default model (float32): 512 prompts x up to 64 new tokens, greedy.
 
-- overhead: the continuous-batching engine steered (the 0.1% French circuit at multiplier 0) vs
-  unsteered (target: <= 3% slower);
+- overhead: steering's own cost on the continuous-batching engine: the 0.1% French circuit at
+  multiplier 1 (same answers, same work) vs unsteered, timed in lockstep (target: <= 3% slower);
+  the engine steered at multiplier 0 and unsteered are also timed one after the other;
 - engine: the continuous-batching engine vs today's static batches (`steering.generate`, the same
   batch size, same circuit) in new tokens per second (target: >= 1.5x).
 
@@ -13,6 +14,7 @@ Both engines stop a row at its end-of-sequence token, so "new tokens" are the to
 CNA_BENCH_BATCH_PROMPTS=N runs fewer prompts and CNA_BENCH_THREADS=T sets torch's threads (both are
 recorded in the results), for a machine too busy for the full run.
 """
+import functools
 import json
 import os
 import time
@@ -25,6 +27,8 @@ from cna_fast.batch_job import generate_to_file
 from cna_fast.batching import encode_prompts
 from cna_fast.prompts import bundled_prompts
 from cna_fast.steering import generate
+
+from benchmarks.lockstep import lockstep
 
 N_PROMPTS = int(os.environ.get("CNA_BENCH_BATCH_PROMPTS", "512"))  # fewer only when the machine is too busy
 THREADS = os.environ.get("CNA_BENCH_THREADS")  # 1 on an oversubscribed machine: 2 OpenMP threads then spin-wait
@@ -107,33 +111,42 @@ def test_continuous_engine_unsteered(benchmark, setup):
     _engine(benchmark, setup, False)
 
 
-def test_steering_overhead_same_answers(benchmark, setup):
-    """Steering's own cost on the same engine: the circuit at multiplier 1 (every hook runs, the answers are
-    the unsteered ones, so both runs do identical work) against no steering, in interleaved rounds so that
-    load on a shared machine hits both alike. The median of the per-round ratios is the overhead."""
-    model, tokenizer, circuit, prompts, path = setup
-    rounds = int(os.environ.get("CNA_BENCH_OVERHEAD_ROUNDS", "3"))
-    subset = path.with_name("overhead-prompts.jsonl")
-    subset.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts[:64]))
+def _lockstep_job(prompts: str, circuit: str | None, out: str, attach) -> dict:
+    """One side of the overhead benchmark, in its own process (see benchmarks.lockstep): the batch job on
+    its own copy of the model, steered with `circuit` at multiplier 1 or unsteered."""
+    if THREADS:
+        torch.set_num_threads(int(THREADS))
+    model, tokenizer = cna_fast.load_model()
+    circuits = cna_fast.Circuit.load(circuit) if circuit else None
+    attach(model)
+    summary = generate_to_file(model, tokenizer, prompts, out, circuits=circuits,
+                               multiplier=1.0, max_new_tokens=NEW_TOKENS, batch_size=BATCH_SIZE, progress=False)
+    return {"new_tokens": summary.new_tokens, "threads": torch.get_num_threads()}
 
-    def run(steered: bool) -> float:
-        out = subset.with_name(f"overhead-{steered}-{time.monotonic_ns()}.jsonl")
-        started = time.perf_counter()
-        generate_to_file(model, tokenizer, subset, out, circuits=circuit if steered else None, multiplier=1.0,
-                         max_new_tokens=NEW_TOKENS, batch_size=BATCH_SIZE, progress=False)
-        return time.perf_counter() - started
 
-    ratios = []
-
-    def interleaved() -> None:
-        for _ in range(rounds):
-            plain, steered = run(False), run(True)
-            ratios.append(steered / plain)
-
-    benchmark.pedantic(interleaved, rounds=1, warmup_rounds=0)
-    ratios.sort()
-    benchmark.extra_info["overhead_median"] = ratios[len(ratios) // 2] - 1.0
-    benchmark.extra_info["overhead_rounds"] = [ratio - 1.0 for ratio in ratios]
-    print(f"\nsteering overhead at multiplier 1 (same answers), {rounds} interleaved rounds of 64 prompts: "
-          f"median {100 * (ratios[len(ratios) // 2] - 1):+.1f}%, all {[f'{100 * (r - 1):+.1f}%' for r in ratios]}",
-          flush=True)
+def test_steering_overhead_lockstep(benchmark, setup):
+    """Steering's own cost on the same engine, all 512 prompts x 64 tokens: the circuit at multiplier 1 (every
+    hook and every rebuild of the per-row steering runs, and the answers are the unsteered ones, so both jobs do
+    identical work) against no steering. The two jobs run in lockstep (benchmarks.lockstep), one model forward
+    each in turn, so the machine's load hits both alike; the overhead is the ratio of their own times."""
+    _, _, circuit, _, path = setup
+    circuit_path = path.with_name("circuit.safetensors")
+    circuit.save(circuit_path)
+    outputs = {name: path.with_name(f"lockstep-{name}.jsonl") for name in ("unsteered", "steered")}
+    jobs = {name: functools.partial(_lockstep_job, str(path), str(circuit_path) if name == "steered" else None,
+                                    str(outputs[name])) for name in outputs}
+    report = benchmark.pedantic(lambda: lockstep(jobs), rounds=1, warmup_rounds=0)
+    answers = {name: [json.loads(line)["output"] for line in out.read_text().splitlines()]
+               for name, out in outputs.items()}
+    assert answers["steered"] == answers["unsteered"], "multiplier 1 must not change the answers"
+    assert report["steered"]["turns"] == report["unsteered"]["turns"]
+    overhead = report["steered"]["seconds"] / report["unsteered"]["seconds"] - 1.0
+    tokens = report["steered"]["result"]["new_tokens"]
+    benchmark.extra_info.update(
+        overhead=overhead, forwards=report["steered"]["turns"], new_tokens=tokens, prompts=N_PROMPTS,
+        threads=report["steered"]["result"]["threads"],
+        seconds={name: side["seconds"] for name, side in report.items()})
+    print(f"\nsteering overhead at multiplier 1 in lockstep, {N_PROMPTS} prompts x {NEW_TOKENS} tokens "
+          f"({tokens} new tokens, {report['steered']['turns']} forwards each): unsteered "
+          f"{report['unsteered']['seconds']:.1f} s, steered {report['steered']['seconds']:.1f} s, "
+          f"overhead {100 * overhead:+.2f}%", flush=True)
