@@ -12,7 +12,8 @@ Both engines stop a row at its end-of-sequence token, so "new tokens" are the to
     python -m pytest benchmarks/test_batch_job.py --benchmark-json=benchmarks/results/batch_job.json
 
 CNA_BENCH_BATCH_PROMPTS=N runs fewer prompts and CNA_BENCH_THREADS=T sets torch's threads (both are
-recorded in the results), for a machine too busy for the full run.
+recorded in the results), for a machine too busy for the full run. CNA_BENCH_NEW_TOKENS=T allows
+longer answers, whose uneven ends are what continuous batching wins back.
 """
 import functools
 import json
@@ -32,7 +33,7 @@ from benchmarks.lockstep import lockstep
 
 N_PROMPTS = int(os.environ.get("CNA_BENCH_BATCH_PROMPTS", "512"))  # fewer only when the machine is too busy
 THREADS = os.environ.get("CNA_BENCH_THREADS")  # 1 on an oversubscribed machine: 2 OpenMP threads then spin-wait
-NEW_TOKENS = 64
+NEW_TOKENS = int(os.environ.get("CNA_BENCH_NEW_TOKENS", "64"))  # longer answers stop more unevenly
 BATCH_SIZE = 16
 _TOKENS: dict[str, int] = {}
 _LENGTHS: dict[str, dict[int, int]] = {}
@@ -77,6 +78,7 @@ def _record(benchmark, tokens: int) -> None:
     benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.mean
     benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.extra_info["prompts"] = N_PROMPTS
+    benchmark.extra_info["max_new_tokens"] = NEW_TOKENS
     print(f"\n{benchmark.name}: {tokens} new tokens in {benchmark.stats.stats.mean:.1f} s = "
           f"{benchmark.extra_info['tokens_per_s']:.1f} tok/s", flush=True)
 
