@@ -581,9 +581,7 @@ def _write_rows(path: str, rows: list[dict]) -> None:
 
 
 def run_eval(args) -> None:
-    import json
 
-    from ._io import write_text_atomic
     from .evaluate import compare_methods
     from .prompts import read_prompts
 
@@ -608,23 +606,29 @@ def run_eval(args) -> None:
     print(f"behavior: {args.behavior} ({judged_by}); {len(prompts)} prompts; strength = multiplier for CNA and "
           "random, alpha = strength - 1 for CAA; answer_ppl = answer perplexity under the unsteered model")
     print(result.table())
-    if args.csv:
-        _write_rows(args.csv, result.metrics)
-        print(f"wrote {args.csv}")
-    if args.json:
-        write_text_atomic(args.json, json.dumps({"behavior": args.behavior, "judge": args.judge or "rule",
-                                                 "metrics": result.metrics,
-                                                 "generations": result.generations}, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot or args.html:
-        from .plotting import plot_evaluation, write_html_report
+    _write_eval_outputs(args, result, circuit)
 
-        if args.plot:
-            plot_evaluation(result, circuit, args.plot, behavior=args.behavior)
-            print(f"wrote {args.plot}")
-        if args.html:
-            write_html_report(result, circuit, args.html, behavior=args.behavior)
-            print(f"wrote {args.html}")
+
+def _write_eval_outputs(args, result, circuit) -> None:
+    """The CSV, JSON, plot and HTML report asked for: all of them or none."""
+    import json
+
+    from ._io import atomic_outputs, write_text_atomic
+    from .plotting import plot_evaluation, write_html_report
+
+    document = {"behavior": args.behavior, "judge": args.judge or "rule", "metrics": result.metrics,
+                "generations": result.generations}
+    writers = [(args.csv, lambda path: _write_rows(path, result.metrics)),
+               (args.json, lambda path: write_text_atomic(path, json.dumps(document, indent=2) + "\n")),
+               (args.plot, lambda path: plot_evaluation(result, circuit, path, behavior=args.behavior)),
+               (args.html, lambda path: write_html_report(result, circuit, path, behavior=args.behavior))]
+    with atomic_outputs(path for path, _ in writers) as temporary:
+        for path, write in writers:
+            if path:
+                write(temporary[str(path)])
+    for path, _ in writers:
+        if path:
+            print(f"wrote {path}")
 
 
 def run_export(args) -> None:

@@ -444,6 +444,26 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(work, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.txt"]
 
 
+def test_an_output_set_is_written_all_or_none(tmp_path):
+    """A failure while writing the last of several outputs (cna eval's CSV, JSON, plot and HTML) leaves the
+    earlier ones unwritten and the files already there untouched, with no temporary left behind."""
+    from cna_fast._io import atomic_outputs
+
+    first, last = tmp_path / "eval.csv", tmp_path / "eval.html"
+    last.write_text("the previous report")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_outputs([first, None, last]) as temporary:
+            temporary[str(first)].write_text("new rows")
+            raise OSError("disk full")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.html"]
+    assert last.read_text() == "the previous report"
+    with atomic_outputs([first, last]) as temporary:
+        for path in (first, last):
+            temporary[str(path)].write_text(f"new {path.suffix}")
+    assert (first.read_text(), last.read_text()) == ("new .csv", "new .html")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.csv", "eval.html"]
+
+
 def test_a_bug_exits_1_with_a_hint_to_report_it(work, monkeypatch, capsys):
     """Any exception that is not about the input or the environment is a bug: exit 1, one line, a hint."""
     from cna_fast import cli
