@@ -46,7 +46,7 @@ __all__ = ["Capturer", "CaptureSettings", "Checkpoint", "SharedPrefix", "capture
 POSITIONS = REDUCTIONS  # deprecated name, kept for one release
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from the last needed layer to skip the rest of the model."""
 
 
@@ -63,20 +63,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _forward_body(model: nn.Module, batch: Batch, cache=None) -> None:
-    """Run the model body on `batch` until a hook raises _StopForward at the last needed layer."""
+    """Run the model body on `batch` until a hook raises StopForward at the last needed layer."""
     adapter = get_adapter(model)
     device = adapter.body.get_input_embeddings().weight.device
     try:
         adapter.body(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                      position_ids=batch.position_ids.to(device), past_key_values=cache, use_cache=cache is not None)
-    except _StopForward:
+    except StopForward:
         return
     raise RuntimeError("the forward pass never reached the last captured layer's down projection")
 
 
 def _raise_stop(*hook_args) -> None:
     """A forward (pre-)hook that ends the pass there."""
-    raise _StopForward
+    raise StopForward
 
 
 class SharedPrefix:
@@ -135,7 +135,7 @@ class _Forward:
     prefix: SharedPrefix | None
 
 
-class _Recorder:
+class Recorder:
     """Forward pre-hooks on the neuron sites that reduce each layer's activations to sample rows.
 
     record=False installs only the hook that stops the forward after the last layer (the fused
@@ -181,7 +181,7 @@ class _Recorder:
             if self.record:
                 self.rows[slot] = self._reduce(slot, args[0])
             if stop:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -293,7 +293,7 @@ class Capturer:
     settings: a CaptureSettings, or keyword options that build one (layers, reduction, ...).
     """
 
-    recorder_type = _Recorder  # MoE models record ordinary neurons their own way (moe_capture.py)
+    recorder_type = Recorder  # MoE models record ordinary neurons their own way (moe_capture.py)
 
     def __init__(self, model: nn.Module, tokenizer, settings: CaptureSettings | None = None, *,
                  progress: bool = True, **options) -> None:
@@ -372,7 +372,7 @@ class Capturer:
             return _FusedMoments(self.model, self.adapter, self.layers, initial)
         return _DeviceStats(self.adapter, self.layers, n_groups, initial)
 
-    def _run_window(self, window: list[tuple[str, int]], seen: int, n_groups: int, recorder: _Recorder,
+    def _run_window(self, window: list[tuple[str, int]], seen: int, n_groups: int, recorder: Recorder,
                     accumulator, bar) -> None:
         """Tokenize one window of prompts, bucket it by length and run its batches."""
         prompts = [check_prompt(prompt, seen + i + 1) for i, (prompt, _) in enumerate(window)]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .batching import Batch, sample_labels
-from .capture import Capturer, _Recorder, _StopForward
+from .capture import Capturer, Recorder, StopForward
 from .errors import CNAError
 from .hooks import HookSet
 from .models import get_adapter
@@ -84,7 +84,7 @@ def sample_rows(samples: BatchSamples, mode: str, num_experts: int, h: torch.Ten
     return values, experts, samples.labels.to(device)[sample]
 
 
-class _MoERecorder(_Recorder):
+class MoERecorder(Recorder):
     """Ordinary-neuron rows by pre-hooks on dense and shared-expert down projections (as for dense
     models); the forward stops after the last captured layer's MLP block. Routed rows are folded
     by the accumulator's row hooks."""
@@ -97,7 +97,7 @@ class _MoERecorder(_Recorder):
 
     def _stop(self, module, args, output) -> None:
         if self._current is not None:
-            raise _StopForward
+            raise StopForward
 
     def _reduce(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
         """Shared experts may see the tokens flattened to [B*T, d] (Qwen2-MoE): restore [B, T, d] first."""
@@ -183,7 +183,7 @@ class _MoEAccumulator:
 class MoECapturer(Capturer):
     """Capturer for mixture-of-experts models; returns MoEStats (see moe_stats.py for the modes)."""
 
-    recorder_type = _MoERecorder
+    recorder_type = MoERecorder
 
     def __init__(self, model: nn.Module, tokenizer, settings: CaptureSettings | None = None, *,
                  progress: bool = True, **options) -> None:
