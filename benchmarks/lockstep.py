@@ -33,10 +33,12 @@ class _Turns:
         self.started = 0.0
 
     def begin(self) -> None:
+        """Wait for the first turn, then start the clock."""
         self.mine.acquire()
         self.started = time.perf_counter()
 
-    def pass_turn(self, *_) -> None:
+    def pass_turn(self) -> None:
+        """Stop the clock, let the other job run one turn (unless it is done), restart the clock."""
         self.seconds += time.perf_counter() - self.started
         self.turns += 1
         if not self.their_done.is_set():
@@ -45,6 +47,7 @@ class _Turns:
         self.started = time.perf_counter()
 
     def finish(self) -> None:
+        """Stop the clock for good and hand the other job every turn from now on."""
         self.seconds += time.perf_counter() - self.started
         self.my_done.set()
         self.theirs.release()
