@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint
 from .errors import CNAError
 from .hooks import HookSet
 from .kernels import LayerMoments
-from .models import get_adapter
+from .models import cache_keyword, get_adapter
 from .models.fused import fused_backend, patched_capture
 from .settings import REDUCTIONS, CaptureSettings, validate_layers, validate_reduction
 from .stats import NEGATIVE, POSITIVE, NeuronStats, batch_moments
@@ -68,7 +68,8 @@ def _forward_body(model: nn.Module, batch: Batch, cache=None) -> None:
     device = adapter.body.get_input_embeddings().weight.device
     try:
         adapter.body(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                     position_ids=batch.position_ids.to(device), past_key_values=cache, use_cache=cache is not None)
+                     position_ids=batch.position_ids.to(device), use_cache=cache is not None,
+                     **{cache_keyword(adapter.body): cache})
     except StopForward:
         return
     raise RuntimeError("the forward pass never reached the last captured layer's down projection")

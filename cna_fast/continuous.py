@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .batching import pad_batch
 from .circuit import Circuit
 from .errors import CNAError
-from .models import get_adapter
+from .models import cache_keyword, get_adapter
 from .steering import Steering, steer
 
 
@@ -165,8 +165,8 @@ class ContinuousBatcher:
             self._set_steering(rows)
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
-                                **self.keep_logits).logits[:, -1]
+                                position_ids=position_ids.to(self.device), use_cache=True,
+                                **{cache_keyword(self.model): cache}, **self.keep_logits).logits[:, -1]
         return self.sampling.choose(logits, [row.request.generator for row in rows])
 
     def _admit(self, requests: list[Request]) -> Iterator[Completion]:

@@ -20,7 +20,7 @@ from .batching import encode_prompts, pad_batch, pad_token_id
 from .circuit import Circuit
 from .errors import CNAError
 from .hooks import HookSet
-from .models import get_adapter
+from .models import find_cache, get_adapter
 from .models.fused import fused_backend, patched_scale
 from .models.moe import MoEAdapter
 from .moe_steering import install_moe_steering
@@ -192,14 +192,15 @@ class Steering:
     def _track_phase(self, module, args, kwargs):
         """Split the current forward's positions into prompt and generated tokens.
 
-        A forward with an empty (or no) KV cache starts a new prompt, unless, without a cache, its
+        The cache is found by its type, not by its keyword (transformers 5.25 renamed `past_key_values` to
+        `cache`). A forward with an empty (or no) KV cache starts a new prompt, unless, without a cache, its
         input_ids extend the previous forward's exactly (generate with use_cache=False re-feeds
         the prompt plus the tokens generated so far). With a filled cache every position is new.
         """
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         length = (ids if ids is not None else embeds).shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             previous = self._previous_ids

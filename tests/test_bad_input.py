@@ -429,15 +429,18 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(work, tmp_path):
     out = tmp_path / "c.safetensors"
     process = cna_process("discover", "--positive", many, "--negative", work["neg"], "--model", work["model"],
                           "--out", out, "--json", tmp_path / "c.json", "--batch-size", "4")
-    seen, deadline = b"", time.monotonic() + 120
+    # Wait for conditions, not for a time budget: a loaded machine only makes each step slower. The
+    # interrupt goes out once the progress bar shows capture under way; the exit is awaited however long
+    # it takes (the hang guard is far above any real run: a hang, not slowness, is what it catches).
+    seen = b""
     os.set_blocking(process.stderr.fileno(), False)
-    while b"prompt" not in seen and time.monotonic() < deadline and process.poll() is None:
+    while b"prompt" not in seen and process.poll() is None:
         seen += process.stderr.read() or b""
         time.sleep(0.1)
     assert process.poll() is None, seen
     process.send_signal(signal.SIGINT)
     os.set_blocking(process.stderr.fileno(), True)
-    err = process.communicate(timeout=60)[1].decode()
+    err = process.communicate(timeout=1800)[1].decode()
     assert process.returncode == 130
     assert one_error(err, "discover") == "cna discover: interrupted; no partial output was written"
     assert err.rstrip().splitlines()[-1] == "cna discover: interrupted; no partial output was written"

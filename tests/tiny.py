@@ -96,3 +96,10 @@ def assert_state_identical(model: nn.Module, before: dict[str, torch.Tensor]) ->
         assert tensor.dtype == before[name].dtype, name
         assert tensor.shape == before[name].shape, name
         assert torch.equal(tensor.contiguous().view(torch.uint8), before[name].contiguous().view(torch.uint8)), name
+
+
+def assert_close_in_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 4) -> None:
+    """Equal up to `ulps` units in the last place of the largest |expected|: the rounding of the BLAS build
+    (its summation order changes the last bits from one torch build to the next), and nothing more."""
+    atol = ulps * torch.finfo(expected.dtype).eps * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)

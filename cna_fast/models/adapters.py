@@ -7,6 +7,7 @@ its input is captured with a forward pre-hook, which works the same for `nn.Line
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,22 @@ def _deprecated_fingerprint(self: ModelAdapter) -> dict[str, Any]:
 
 
 ModelAdapter.fingerprint = _deprecated_fingerprint
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword under which `module.forward` takes the KV cache.
+
+    transformers 5.25 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40); older
+    releases know only `past_key_values`. Asking the signature works for every model class and release.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def find_cache(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The KV cache object among a forward's arguments, whatever keyword or position carries it (None if none)."""
+    from transformers import Cache
+
+    return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
