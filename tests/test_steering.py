@@ -7,11 +7,13 @@ from typing import Callable, Sequence
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from cna_fast import get_adapter
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CircuitMismatchError, CNAError
+from cna_fast.models import cache_keyword, find_cache
 from cna_fast.steering import generate, steer
 from tests.tiny import DOWN_PATHS, assert_state_identical, build_tiny_model, snapshot
 
@@ -481,3 +483,19 @@ def test_nesting_and_listing_the_same_circuit_twice() -> None:
     torch.testing.assert_close(listed, expected, atol=ATOL, rtol=0)
     assert_no_hooks(model)
     assert_state_identical(model, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi"])
+def test_the_kv_cache_goes_under_the_keyword_this_transformers_declares(arch: str) -> None:
+    """transformers 5.25 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40). Capture and
+    the batch engine pass the cache under the installed release's name; steering finds it by its type."""
+    from packaging.version import Version
+    from transformers import DynamicCache
+
+    model = new_model(arch)
+    expected = "cache" if Version(transformers.__version__) >= Version("5.25") else "past_key_values"
+    assert cache_keyword(model) == cache_keyword(get_adapter(model).body) == expected
+    cache = DynamicCache(config=model.config)
+    assert find_cache((), {expected: cache, "use_cache": True}) is cache
+    assert find_cache((token_ids(1, 3, seed=1), None, None, cache), {}) is cache
+    assert find_cache((), {"use_cache": False}) is None
