@@ -9,9 +9,9 @@ import torch
 from cna_fast import attribute, capture_contrast, generate, steer, tune
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
-from cna_fast.evaluate import behavior_rate, capability_metrics
+from cna_fast.evaluation import behavior_rate, capability_metrics
 from cna_fast.stats import NeuronStats
-from cna_fast.tune import (
+from cna_fast.search import (
     batched_kl,
     candidate_rows,
     disjoint_shells,
@@ -19,7 +19,7 @@ from cna_fast.tune import (
     multiplier_grid,
     size_grid,
 )
-from cna_fast.tune_result import Candidate
+from cna_fast.search import Candidate
 from tests.planted_templates import (
     A_NEURONS,
     B_NEURONS,
@@ -145,7 +145,7 @@ def test_result_table_pareto_and_files(planted, plain_tokenizer, tmp_path):
     document = json.loads((tmp_path / "t.json").read_text())
     assert document["search"]["tokens_spent"] == result.tokens_spent
     assert document["chosen"]["size"] == result.chosen.size
-    from cna_fast.plotting import plot_tune
+    from cna_fast.cli.plotting import plot_tune
 
     plot_tune(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
@@ -301,7 +301,7 @@ def test_cli_discover_saves_stats_and_tune_uses_them(model_dir, prompt_files, tm
     assert run_cli("discover", "--positive", positive, "--negative", negative, "--model", model_dir, "--out",
                    circuit_path, "--save-stats", stats_path, "--quiet") == 0
     stats = NeuronStats.load(stats_path)
-    assert stats.count.tolist() == [4.0, 4.0] and stats.meta["fingerprint"]["d_ff"] == 96
+    assert stats.count.tolist() == [4.0, 4.0] and stats.meta["architecture"]["d_ff"] == 96
     assert neuron_set(attribute(stats)) == neuron_set(Circuit.load(circuit_path))  # the same statistics
     eval_prompts = tmp_path / "eval.txt"
     eval_prompts.write_text("the zebra runs\nzebra stripes\n")

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CNAError
-from .moe_stats import MoEStats, load_any_stats
-from .stats import NeuronStats
+from ..errors import CNAError, positive_int
+from ..stats import Stats, load_stats
+
+DEFAULT_EVERY = 10_000
 
 
 @dataclass
@@ -18,29 +19,29 @@ class Checkpoint:
     max(every, 32 x batch_size) prompts at most, and a resumed run builds exactly the same batches
     as an uninterrupted one and ends with bit-identical statistics.
     identity: what the run is computed from (model, capture settings, input hashes); resuming
-    from a checkpoint with a different identity is an error.
+    from a checkpoint with a different identity is an error. `discover` fills it in.
+    resume: continue from the file when it exists.
     """
 
     path: Path
-    every: int
-    identity: dict
+    every: int = DEFAULT_EVERY
+    identity: dict | None = None
     resume: bool = False
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise CNAError(f"checkpoint_every must be a positive number of prompts, got {self.every!r}")
+        positive_int(self.every, "checkpoint every (prompts between saves)")
 
     def for_rank(self, rank: int, world: int) -> "Checkpoint":
         """This checkpoint for one rank of a distributed run: its own file and identity."""
         return Checkpoint(self.path.with_name(f"{self.path.name}.rank{rank}"), self.every,
                           {**self.identity, "rank": rank, "world": world}, self.resume)
 
-    def restore(self) -> tuple[NeuronStats | MoEStats, int] | None:
+    def restore(self) -> tuple[Stats, int] | None:
         """The saved statistics and how many prompts they cover, when resuming from an existing checkpoint."""
         if not self.resume or not self.path.exists():
             return None
-        stats = load_any_stats(self.path)
+        stats = load_stats(self.path)
         saved = stats.meta.get("identity")
         if saved != self.identity:
             changed = sorted(key for key in set(saved or {}) | set(self.identity)
@@ -54,6 +55,6 @@ class Checkpoint:
                            "count): delete it and start over without --resume")
         return stats, consumed
 
-    def save(self, stats: NeuronStats | MoEStats, consumed: int) -> None:
+    def save(self, stats: Stats, consumed: int) -> None:
         stats.meta = {"identity": self.identity, "consumed": consumed}
         stats.save(self.path)

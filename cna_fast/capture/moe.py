@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import Batch, sample_labels
-from .capture import Capturer, Recorder, StopForward
-from .errors import CNAError
-from .hooks import HookSet
-from .models import get_adapter
-from .models.fused import fused_backend
-from .models.moe import MoEAdapter, RowHook, row_hook
-from .moe_stats import ExpertMoments, ExpertStats, MoEStats
-from .settings import CaptureSettings
-from .stats import NeuronStats
+from ..batching import Batch
+from ..hooks import HookSet
+from ..models import MoEAdapter
+from ..models.fused import fused_backend
+from ..models.moe import RowHook, row_hook
+from ..settings import CaptureSettings
+from ..stats import ExpertMoments, ExpertStats, MoEStats
+from .accumulators import DeviceStats
+from .capturer import Capturer
+from .forward import Recorder, StopForward
 
 
 @dataclass
@@ -106,38 +106,20 @@ class MoERecorder(Recorder):
         return super()._reduce(slot, hidden)
 
 
-class _MoEAccumulator:
-    """Capture's accumulator for MoE models: ordinary neurons in NeuronStats per (device, width),
+class MoEStatsAccumulator(DeviceStats):
+    """Capture's accumulator for MoE models: ordinary neurons as in `DeviceStats` (per device and width),
     routed neurons in ExpertMoments per layer (on its device), folded by row hooks during each forward."""
-
-    records = True
 
     def __init__(self, adapter: MoEAdapter, layers: list[int], n_groups: int, mode: str,
                  initial: MoEStats | None) -> None:
+        super().__init__(adapter, layers, n_groups, initial.ordinary if initial is not None else ())
         self.adapter, self.n_groups, self.mode = adapter, n_groups, mode
         self.routed_layers = [layer for layer in layers if adapter.layers[layer].experts is not None]
-        self.parts = self._ordinary_parts(layers, n_groups, initial)
         self.moments = {layer: (initial.routed.to_moments(slot, adapter.layer_device(layer)) if initial is not None
                                 else ExpertMoments(adapter.num_experts, adapter.expert_width, n_groups, mode,
                                                    adapter.layer_device(layer)))
                         for slot, layer in enumerate(self.routed_layers)}
         self.samples_seen = initial.count.clone() if initial is not None else torch.zeros(n_groups, dtype=torch.float64)
-
-    def _ordinary_parts(self, layers: list[int], n_groups: int, initial: MoEStats | None):
-        groups: dict[tuple[torch.device, int], list[int]] = {}
-        for slot, layer in enumerate(layers):
-            if self.adapter.widths[layer]:
-                groups.setdefault((self.adapter.layer_device(layer), self.adapter.widths[layer]), []).append(slot)
-        parts = []
-        for (device, width), slots in groups.items():
-            part = NeuronStats([layers[slot] for slot in slots], width, n_groups, device=device)
-            if initial is not None:  # each part starts from an exact copy of its layers
-                source = next(other for other in initial.ordinary if other.width == width)
-                rows = [source.layer_row(layer) for layer in part.layers]
-                part.count = source.count.to(device).clone()
-                part.mean, part.m2 = source.mean[rows].to(device).clone(), source.m2[rows].to(device).clone()
-            parts.append((slots, part))
-        return parts
 
     @contextlib.contextmanager
     def forward_context(self, forward, reduction: str) -> Iterator[None]:
@@ -161,16 +143,8 @@ class _MoEAccumulator:
 
         return hook
 
-    def add(self, forward, rows: list[torch.Tensor], reduction: str) -> None:
-        labels = sample_labels(forward.batch, reduction)
-        for slots, stats in self.parts:
-            stats.update([rows[slot] for slot in slots], labels)
-
     def gather(self) -> MoEStats:
-        by_width: dict[int, list[NeuronStats]] = {}
-        for _, part in self.parts:
-            by_width.setdefault(part.width, []).append(part)
-        ordinary = [NeuronStats.concat(group) for _, group in sorted(by_width.items())]
+        ordinary = self.by_width()
         if self.routed_layers:
             routed = ExpertStats.stack(self.routed_layers, [self.moments[layer] for layer in self.routed_layers],
                                        self.mode)
@@ -181,9 +155,10 @@ class _MoEAccumulator:
 
 
 class MoECapturer(Capturer):
-    """Capturer for mixture-of-experts models; returns MoEStats (see moe_stats.py for the modes)."""
+    """Capturer for mixture-of-experts models; returns MoEStats (see cna_fast.stats.moe for the modes)."""
 
     recorder_type = MoERecorder
+    handles_moe = True
 
     def __init__(self, model: nn.Module, tokenizer, settings: CaptureSettings | None = None, *,
                  progress: bool = True, **options) -> None:
@@ -195,15 +170,5 @@ class MoECapturer(Capturer):
         if self.settings.reduction != "last":
             self.prefix = []  # prefix tokens run with each prompt, so their routed rows are samples too
 
-    def _accumulator(self, n_groups: int, initial: MoEStats | None) -> _MoEAccumulator:
-        return _MoEAccumulator(self.adapter, self.layers, n_groups, self.settings.moe_mode, initial)
-
-
-def capturer_class(model: nn.Module, settings: CaptureSettings) -> type[Capturer]:
-    """MoECapturer for mixture-of-experts models, Capturer otherwise (which only takes the effective default)."""
-    if isinstance(get_adapter(model), MoEAdapter):
-        return MoECapturer
-    if settings.moe_mode != "effective":
-        raise CNAError(f"moe_mode={settings.moe_mode!r} applies to mixture-of-experts models only; this model is "
-                       "dense")
-    return Capturer
+    def _accumulator(self, n_groups: int, initial: MoEStats | None) -> MoEStatsAccumulator:
+        return MoEStatsAccumulator(self.adapter, self.layers, n_groups, self.settings.moe_mode, initial)

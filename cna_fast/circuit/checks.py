@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import CircuitMismatchError, CNAError
+from ..errors import CircuitMismatchError, CNAError
 
 MAX_LAYERS = 4096  # the deepest models have ~130 layers
 MAX_WIDTH = 1 << 24  # the widest MLPs have ~10^5 neurons per layer
@@ -49,34 +49,34 @@ def float_tensor(name: str, value: Any, size: int) -> torch.Tensor:
 
 def _count(value: Any, name: str, upper: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
-        raise CNAError(f"circuit fingerprint {name} must be an integer in 1..{upper}, got {value!r}")
+        raise CNAError(f"circuit architecture {name} must be an integer in 1..{upper}, got {value!r}")
     return value
 
 
-def fingerprint_widths(fingerprint: Mapping[str, Any]) -> list[int]:
-    """The per-layer MLP widths a fingerprint describes, after checking its types and bounds."""
-    if not isinstance(fingerprint, Mapping):
-        raise CNAError(f"circuit fingerprint must be an object, got {type(fingerprint).__name__}")
-    if not isinstance(fingerprint.get("model_type"), str):
-        raise CNAError(f"circuit fingerprint model_type must be text, got {fingerprint.get('model_type')!r}")
-    num_layers = _count(fingerprint.get("num_layers"), "num_layers", MAX_LAYERS)
-    d_ff = fingerprint.get("d_ff")
+def architecture_widths(architecture: Mapping[str, Any]) -> list[int]:
+    """The per-layer MLP widths a recorded architecture describes, after checking its types and bounds."""
+    if not isinstance(architecture, Mapping):
+        raise CNAError(f"circuit architecture must be an object, got {type(architecture).__name__}")
+    if not isinstance(architecture.get("model_type"), str):
+        raise CNAError(f"circuit architecture model_type must be text, got {architecture.get('model_type')!r}")
+    num_layers = _count(architecture.get("num_layers"), "num_layers", MAX_LAYERS)
+    d_ff = architecture.get("d_ff")
     if isinstance(d_ff, list):
         if len(d_ff) != num_layers:
-            raise CNAError(f"circuit fingerprint lists {len(d_ff)} widths for {num_layers} layers")
+            raise CNAError(f"circuit architecture lists {len(d_ff)} widths for {num_layers} layers")
         widths = [_count(width, "d_ff", MAX_WIDTH) for width in d_ff]
     else:
         widths = [_count(d_ff, "d_ff", MAX_WIDTH)] * num_layers
-    if "d_model" in fingerprint:
-        _count(fingerprint["d_model"], "d_model", MAX_WIDTH)
+    if "d_model" in architecture:
+        _count(architecture["d_model"], "d_model", MAX_WIDTH)
     return widths
 
 
-def check_neurons(layers: torch.Tensor, neurons: torch.Tensor, fingerprint: Mapping[str, Any]) -> None:
-    """Indices within the fingerprint's model (or the global bounds without one), each pair once."""
+def check_neurons(layers: torch.Tensor, neurons: torch.Tensor, architecture: Mapping[str, Any]) -> None:
+    """Indices within the recorded architecture (or the global bounds without one), each pair once."""
     if layers.numel() == 0:
         return
-    widths = fingerprint_widths(fingerprint) if fingerprint else None
+    widths = architecture_widths(architecture) if architecture else None
     num_layers = len(widths) if widths else MAX_LAYERS
     if int(layers.max()) >= num_layers:
         raise CircuitMismatchError(f"circuit layer {int(layers.max())} is out of range (the model it was found on "
@@ -107,7 +107,7 @@ def check_scores(circuit) -> None:
                            "rediscover in float32 or bfloat16, without resuming from that checkpoint")
 
 
-def check_caa(caa_layers: torch.Tensor, caa_directions: Any, fingerprint: Mapping[str, Any]) -> torch.Tensor:
+def check_caa(caa_layers: torch.Tensor, caa_directions: Any, architecture: Mapping[str, Any]) -> torch.Tensor:
     """CAA directions: [len(caa_layers), d_model] finite floats, layers unique and in range."""
     directions = torch.as_tensor(caa_directions).detach().cpu()
     if not directions.is_floating_point():
@@ -117,10 +117,10 @@ def check_caa(caa_layers: torch.Tensor, caa_directions: Any, fingerprint: Mappin
         raise CNAError(f"caa_directions must be [{caa_layers.numel()}, d_model], got {list(directions.shape)}")
     if torch.unique(caa_layers).numel() != caa_layers.numel():
         raise CNAError("caa_layers lists a layer more than once")
-    num_layers = fingerprint.get("num_layers", MAX_LAYERS) if fingerprint else MAX_LAYERS
+    num_layers = architecture.get("num_layers", MAX_LAYERS) if architecture else MAX_LAYERS
     if caa_layers.numel() and int(caa_layers.max()) >= num_layers:
         raise CNAError(f"caa_layers holds layer {int(caa_layers.max())}, out of range ({num_layers} layers)")
-    d_model = fingerprint.get("d_model") if fingerprint else None
+    d_model = architecture.get("d_model") if architecture else None
     if d_model is not None and directions.shape[1] != d_model:
         raise CNAError(f"caa_directions are {directions.shape[1]} wide but the model's hidden size is {d_model}")
     if not torch.isfinite(directions).all():
@@ -147,8 +147,38 @@ def parse_header(header: Mapping[str, str], names: list[str], path: str, expecte
     return meta
 
 
-def printable(value: Any, keep_newlines: bool = False) -> str:
-    """Text from a file or a model, safe for a terminal: control characters (escape sequences) are shown escaped."""
-    kept = "\n\t" if keep_newlines else ""
-    return "".join(char if char.isprintable() or char in kept else char.encode("unicode_escape").decode("ascii")
-                   for char in str(value))
+def check_circuit(circuit) -> None:
+    """Normalize a circuit's fields in place (int64 indices, float64 statistics, CPU) and check them."""
+    if not isinstance(circuit.meta, dict):
+        raise CNAError(f"circuit meta must be a dict, got {type(circuit.meta).__name__}")
+    circuit.layers = index_tensor("layers", circuit.layers)
+    circuit.neurons = index_tensor("neurons", circuit.neurons)
+    size = circuit.layers.numel()
+    if circuit.neurons.shape != (size,):
+        raise CNAError(f"circuit has {size} layer entries but {circuit.neurons.numel()} neuron entries")
+    if circuit.experts is not None:
+        circuit.experts = torch.as_tensor(circuit.experts, dtype=torch.int64).cpu()
+        if circuit.experts.shape != (size,):
+            raise CNAError(f"circuit has {size} layer entries but {circuit.experts.numel()} expert entries")
+    for name in PER_NEURON:
+        setattr(circuit, name, float_tensor(name, getattr(circuit, name), size))
+    architecture = circuit.meta.get("architecture") or {}
+    ordinary = ~circuit.routed
+    check_neurons(circuit.layers[ordinary], circuit.neurons[ordinary], architecture)
+    if circuit.routed.any():
+        _check_routed_unique(circuit)
+    check_scores(circuit)
+    if (circuit.caa_layers is None) != (circuit.caa_directions is None):
+        raise CNAError("caa_layers and caa_directions come together")
+    if circuit.caa_layers is not None:
+        circuit.caa_layers = index_tensor("caa_layers", circuit.caa_layers)
+        circuit.caa_directions = check_caa(circuit.caa_layers, circuit.caa_directions, architecture)
+
+
+def _check_routed_unique(circuit) -> None:
+    """Each routed (layer, expert, neuron) once."""
+    routed = circuit.routed
+    triples = torch.stack([circuit.layers[routed], circuit.experts[routed], circuit.neurons[routed]], 1)
+    if torch.unique(triples, dim=0).shape[0] != triples.shape[0]:
+        raise CNAError("circuit lists a routed neuron (layer, expert, index) more than once: each neuron may appear "
+                       "once")

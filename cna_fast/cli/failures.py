@@ -10,8 +10,10 @@ import errno
 import os
 import re
 
-from .errors import CNAError
-from .paths import check_distinct_inputs, check_model_folder, check_outputs
+from ..errors import CNAError
+from ..models import default_gguf_path
+from ..paths import check_distinct_inputs, check_model_folder, check_outputs
+from ..stats import load_stats
 
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
@@ -72,10 +74,8 @@ def _model_input(args) -> str | None:
     model = getattr(args, "model", None)
     if model is not None:
         return model
-    from .models.loading import _default_gguf_path
-
     try:
-        return str(_default_gguf_path())  # the embedded default's GGUF file (converted into the cache on use)
+        return str(default_gguf_path())  # the embedded default's GGUF file (converted into the cache on use)
     except CNAError:
         return None  # not installed: load_model reports it
 
@@ -105,8 +105,6 @@ def check_command_paths(args) -> None:
     inputs = {(f"--{name}" if name != "circuit" or args.command != "inspect" else "circuit"): getattr(args, name)
               for name in _INPUTS.get(args.command, ()) if getattr(args, name, None)}
     if isinstance(inputs.get("--circuit"), list):  # cna generate: --circuit [NAME=]PATH, repeated
-        from .paths import named_circuit_paths
-
         for name, path in named_circuit_paths(inputs.pop("--circuit")).items():
             inputs[f"--circuit {name}"] = path
     if args.command != "inspect":
@@ -117,8 +115,19 @@ def check_command_paths(args) -> None:
         check_distinct_inputs(("--positive", args.positive), ("--negative", args.negative))
         checkpoint = outputs["--checkpoint"]
         if getattr(args, "resume", False) and checkpoint and os.path.isfile(checkpoint):
-            from .stats import NeuronStats
-
-            NeuronStats.load(checkpoint)  # a damaged checkpoint fails now, not after the model loads
+            load_stats(checkpoint)  # a damaged checkpoint fails now, not after the model loads
     if args.command == "export" and not str(args.out).strip():
         raise CNAError("--out is empty: give a new folder such as --out steered-model")
+
+
+def named_circuit_paths(specs: list[str]) -> dict[str, str]:
+    """--circuit values as {name: path}: NAME=PATH, or a plain PATH named by its file stem."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, separator, path = spec.partition("=")
+        if not separator or not name or os.path.exists(spec) or "/" in name or os.sep in name:
+            name, path = os.path.splitext(os.path.basename(spec))[0], spec
+        if name in named:
+            raise CNAError(f"two circuits are named {name!r}: give each --circuit a distinct NAME=PATH")
+        named[name] = path
+    return named

@@ -1,11 +1,12 @@
-"""Matplotlib figures for circuits, written atomically as PNG."""
+"""Matplotlib figures for the CLI: circuits, sweeps, evaluations and searches, written atomically as PNG;
+the evaluation's HTML report."""
 from __future__ import annotations
 
 import os
 
-from ._io import atomic_path
-from .circuit import Circuit
-from .errors import CNAError
+from .._io import atomic_path, write_text_atomic
+from ..circuit import Circuit
+from ..errors import CNAError
 
 
 def _pyplot():
@@ -103,8 +104,6 @@ def write_html_report(result, circuit: Circuit, path: str | os.PathLike, behavio
     import html
     import io
 
-    from ._io import write_text_atomic
-
     plt, figure = _evaluation_figure(result, circuit, behavior)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -140,7 +139,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head>
 
 def plot_tune(result, path: str | os.PathLike) -> None:
     """Behavior rate against KL for every setting `cna tune` measured: the Pareto front, the KL
-    budget and the chosen setting marked (a `cna_fast.tune_result.TuneResult`)."""
+    budget and the chosen setting marked (a `cna_fast.search.TuneResult`)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5), constrained_layout=True)
     rows = [row for row in result.table if row["behavior_rate"] is not None and row["kl"] is not None]

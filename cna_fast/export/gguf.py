@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_path
-from .circuit import Circuit
-from .errors import CNAError
-from .models import get_adapter
-from .models.gguf_files import file_digest
-from .steering import as_multiplier
+from .._io import atomic_path
+from .._version import __version__
+from ..circuit import Circuit, as_multiplier
+from ..errors import CNAError
+from ..models import get_adapter
+from ..models.gguf_files import file_digest
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
 _METADATA_PREFIX = "cna_fast."
@@ -128,8 +128,6 @@ def _copy_metadata(reader, writer) -> None:
 
 
 def _add_provenance(writer, circuit: Circuit, multiplier: float, source, types: dict[str, str]) -> None:
-    from . import __version__
-
     writer.add_string(f"{_METADATA_PREFIX}version", __version__)
     writer.add_float64(f"{_METADATA_PREFIX}multiplier", multiplier)
     writer.add_uint32(f"{_METADATA_PREFIX}neurons", len(circuit))

@@ -1,4 +1,4 @@
-"""Serving exports: a circuit at a fixed multiplier as a folded checkpoint or a PEFT LoRA adapter.
+"""Hugging Face exports: a circuit at a fixed multiplier as a folded checkpoint or a PEFT LoRA adapter.
 
 Scaling neuron j of layer l by m is the same as scaling column j of that layer's down projection
 by m (the bias is untouched), so a fixed-multiplier circuit can be folded into the weights, or
@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .circuit import Circuit
-from .errors import CNAError
-from .models import get_adapter, model_name
-from .models.moe import expert_columns, scale_expert_columns
-from .paths import EXPORT_MARKER as _STEERING_FILE
-from .paths import OutputFolder
+from ..circuit import Circuit, as_multiplier
+from ..errors import CNAError
+from ..models import get_adapter, model_name
+from ..models.moe import expert_columns, scale_expert_columns
+from ..paths import EXPORT_MARKER as _STEERING_FILE
+from ..paths import OutputFolder
+from ..steering import check_multiplier_fits
 from .serving import check_lora_rank_for_vllm, check_vllm_adapter
-from .steering import as_multiplier, check_multiplier_fits
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CNAError
+from ..errors import CNAError
+from ..models import model_name
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MAX_RANK = VLLM_MAX_LORA_RANKS[-1]
@@ -200,8 +201,6 @@ def vllm_serving_instructions(adapter_dir: str | os.PathLike, base_model: str, r
 
 def _base_model_for_vllm(model) -> str:
     """A local folder vLLM can serve (the one the model was loaded from), else the model's name."""
-    from .models import model_name
-
     folder = getattr(model.config, "_name_or_path", "")
     return folder if folder and os.path.isdir(folder) else model_name(model)
 

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .batching import pad_batch
-from .circuit import Circuit
-from .errors import CNAError
-from .models import cache_keyword, get_adapter
-from .steering import Steering, steer
+from ..batching import pad_batch
+from ..circuit import Circuit
+from ..models import cache_keyword, input_device
+from ..steering import GenerationSettings, Steering, steer
 
 
 @dataclass
@@ -54,37 +53,25 @@ class Completion:
     finish_reason: str  # "stop": an end-of-sequence token; "length": max_new_tokens reached
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy decoding, or sampling at `temperature` from the smallest token set holding `top_p` of the mass.
+def choose_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator | None],
+                  generation: GenerationSettings) -> list[int]:
+    """The next token of each row from its [rows, vocab] logits: greedy, or sampled at the settings'
+    temperature from the smallest token set holding `top_p` of the mass.
 
     Each row samples with its own generator, so its tokens depend only on its own logits and seed,
     never on which other rows share the batch.
     """
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise CNAError(f"temperature must be above 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise CNAError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    def choose(self, logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
-        """The next token of each row from its [rows, vocab] logits."""
-        if not self.do_sample:
-            return logits.argmax(-1).tolist()
-        tokens = []
-        for row, generator in zip(logits.float().cpu() / self.temperature, generators):
-            probs = row.softmax(-1)
-            if self.top_p < 1:
-                ranked, order = probs.sort(descending=True)
-                ranked[ranked.cumsum(0) - ranked >= self.top_p] = 0  # the most likely token always stays
-                probs = torch.zeros_like(probs).scatter_(0, order, ranked)
-            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
-        return tokens
+    if not generation.do_sample:
+        return logits.argmax(-1).tolist()
+    tokens = []
+    for row, generator in zip(logits.float().cpu() / generation.temperature, generators):
+        probs = row.softmax(-1)
+        if generation.top_p < 1:
+            ranked, order = probs.sort(descending=True)
+            ranked[ranked.cumsum(0) - ranked >= generation.top_p] = 0  # the most likely token always stays
+            probs = torch.zeros_like(probs).scatter_(0, order, ranked)
+        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+    return tokens
 
 
 @dataclass
@@ -104,24 +91,21 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class ContinuousBatcher:
-    """Generates many requests through at most `batch_size` active rows, refilling slots as rows finish.
+    """Generates many requests through at most `generation.batch_size` active rows, refilling slots as rows finish.
 
     circuits: steered with per-row multipliers (each request's `multipliers`, one per circuit), or None.
+    generation: answer length, batch size, steered positions and sampling (its chat template and seed
+        are the caller's: requests arrive as token ids with their own generators).
     refill_at: how many free slots trigger a prefill of new requests (fewer, larger prefills cost less).
     """
 
-    def __init__(self, model: nn.Module, circuits: Sequence[Circuit] | None, *, batch_size: int,
-                 max_new_tokens: int, eos_ids: Iterable[int], pad_id: int, sampling: Sampling = Sampling(),
-                 positions: str = "all", refill_at: int | None = None) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise CNAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        self.model, self.circuits, self.sampling, self.positions = model, circuits, sampling, positions
-        self.batch_size, self.max_new_tokens, self.pad_id = batch_size, max_new_tokens, pad_id
+    def __init__(self, model: nn.Module, circuits: Sequence[Circuit] | None, *, generation: GenerationSettings,
+                 eos_ids: Iterable[int], pad_id: int, refill_at: int | None = None) -> None:
+        self.model, self.circuits, self.generation, self.positions = model, circuits, generation, generation.positions
+        self.batch_size, self.max_new_tokens, self.pad_id = generation.batch_size, generation.max_new_tokens, pad_id
         self.eos_ids = frozenset(eos_ids)
-        self.refill_at = refill_at if refill_at is not None else max(1, batch_size // 4)
-        self.device = get_adapter(model).body.get_input_embeddings().weight.device
+        self.refill_at = refill_at if refill_at is not None else max(1, self.batch_size // 4)
+        self.device = input_device(model)
         self.keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
             else {}
         self.continuous: bool | None = None  # known after the first prefill: can caches be merged?
@@ -167,7 +151,7 @@ class ContinuousBatcher:
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=position_ids.to(self.device), use_cache=True,
                                 **{cache_keyword(self.model): cache}, **self.keep_logits).logits[:, -1]
-        return self.sampling.choose(logits, [row.request.generator for row in rows])
+        return choose_tokens(logits, [row.request.generator for row in rows], self.generation)
 
     def _admit(self, requests: list[Request]) -> Iterator[Completion]:
         """Prefill new requests, emit those already finished, merge the others into the active batch."""

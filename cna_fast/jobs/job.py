@@ -9,6 +9,7 @@ with different settings is refused instead of mixing two jobs in one file.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,17 +17,19 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .batch_output import JobOutput
-from .batching import encode_prompts, pad_token_id, windows
-from .circuit import Circuit
-from .continuous import Completion, ContinuousBatcher, Request, Sampling
-from .errors import CNAError
-from .prompts import PromptRecord, PromptSource
-from .steering import circuit_key
+from ..batching import encode_prompts, pad_token_id, windows
+from ..circuit import Circuit, as_multiplier
+from ..errors import CNAError, positive_int
+from ..prompts import PromptRecord, PromptSource
+from ..settings import with_options
+from ..steering import GenerationSettings, circuit_key
+from .continuous import Completion, ContinuousBatcher, Request
+from .output import JobOutput
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class _Circuits:
         row[self.columns[record.circuit]] = record.multiplier
         return row
 
-    def fingerprint(self) -> dict:
+    def digests(self) -> dict:
+        """A short digest of each named circuit's neuron set (what the job's settings record)."""
         return {name: hashlib.sha256(repr(circuit_key(circuit)).encode()).hexdigest()[:16]
                 for name, circuit in self.named.items()}
 
@@ -124,14 +128,15 @@ def record_seed(seed: int, record_id: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _requests(records: Iterator[JobRecord], tokenizer, circuits: _Circuits, chat_template, window: int,
-              sampling: Sampling, seed: int) -> Iterator[Request]:
+def _requests(records: Iterator[JobRecord], tokenizer, circuits: _Circuits, window: int,
+              generation: GenerationSettings) -> Iterator[Request]:
     """Requests in windows of `window` records, each window sorted by prompt length (less padding per prefill)."""
     for chunk in windows(records, window):
-        encoded = encode_prompts(tokenizer, [record.prompt for record in chunk], chat_template)
+        encoded = encode_prompts(tokenizer, [record.prompt for record in chunk], generation.chat_template)
         for index in sorted(range(len(chunk)), key=lambda i: len(encoded[i])):
             record = chunk[index]
-            generator = torch.Generator().manual_seed(record_seed(seed, record.id)) if sampling.do_sample else None
+            generator = (torch.Generator().manual_seed(record_seed(generation.seed or 0, record.id))
+                         if generation.do_sample else None)
             yield Request(record, encoded[index], circuits.table_row(record), generator)
 
 
@@ -142,15 +147,17 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return {token for token in ids if token is not None}
 
 
-def _settings(model: nn.Module, source: PromptSource, circuits: _Circuits, options: dict) -> dict:
+def _settings(model: nn.Module, source: PromptSource, circuits: _Circuits, generation: GenerationSettings) -> dict:
     """Everything that decides the outputs (not batch size or window, which only change speed)."""
+    options = {key: value for key, value in dataclasses.asdict(generation).items() if key != "batch_size"}
+    options["seed"] = generation.seed or 0  # what the records' generators are seeded from
     config = {key: value for key, value in model.config.to_dict().items()
               if key not in ("transformers_version", "_name_or_path")}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     settings = {"model": getattr(model, "name_or_path", ""), "model_config": config_hash,
                 "dtype": str(next(model.parameters()).dtype), "prompts": source.spec,
                 "prompts_sha256": source.content_hash(), "skip_bad": source.skip_bad,
-                "circuits": circuits.fingerprint(), "default_circuit": circuits.default,
+                "circuits": circuits.digests(), "default_circuit": circuits.default,
                 "multiplier": circuits.multiplier, **options}
     if not options["do_sample"]:
         for key in ("temperature", "top_p", "seed"):
@@ -172,42 +179,34 @@ def _open_source(prompts: str | os.PathLike | PromptSource, skip_bad: bool) -> P
 
 def generate_to_file(model: nn.Module, tokenizer, prompts: str | os.PathLike | PromptSource, out: str | os.PathLike,
                      *, circuits: Circuit | Mapping[str, Circuit] | None = None, multiplier: float = 0.0,
-                     max_new_tokens: int = 64, batch_size: int = 16, do_sample: bool = False,
-                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                     chat_template: bool | str | None = None, positions: str = "all", skip_bad: bool = False,
-                     window: int = 1024, progress: bool = True) -> JobSummary:
+                     generation: GenerationSettings | None = None, skip_bad: bool = False, window: int = 1024,
+                     progress: bool = True, **options: Any) -> JobSummary:
     """Generate a completion for every record of `prompts` into the JSONL file `out`, resuming a killed run.
 
     prompts: a prompt file or dataset spec (see PromptSource) or a PromptSource. A jsonl record may
     carry an `id` (else its line number is its id), a `circuit` (a name in `circuits`) and a `multiplier`.
     circuits: one Circuit, or {name: Circuit} (the first is the default), or None for no steering.
+    generation / options: how answers are generated (a GenerationSettings, or its fields as keywords:
+        max_new_tokens, batch_size, do_sample, temperature, top_p, seed, chat_template, positions).
     Records are read lazily, sorted by length within windows of `window`, and generated by continuous
-    batching (see cna_fast.continuous). Sampling draws each record's tokens from its own generator seeded
+    batching (see cna_fast.jobs.continuous). Sampling draws each record's tokens from its own generator seeded
     by (seed, id), so a record's output does not depend on the batch it ran in.
     """
     from tqdm.auto import tqdm
 
-    from .steering import POSITION_MODES, as_multiplier
-
+    generation, = with_options(options, generation or GenerationSettings())
     source = _open_source(prompts, skip_bad)
     circuits = _Circuits(circuits, as_multiplier(multiplier))
     for named in circuits.named.values():
         named.validate(model)
-    if positions not in POSITION_MODES:
-        raise CNAError(f"unknown positions {positions!r}: choose one of {', '.join(POSITION_MODES)}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise CNAError(f"window must be a positive integer, got {window!r}")
-    sampling = Sampling(do_sample, temperature, top_p)
-    batcher = ContinuousBatcher(model, circuits.distinct, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                eos_ids=_eos_ids(model, tokenizer), pad_id=pad_token_id(tokenizer), sampling=sampling,
-                                positions=positions)
-    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
-               "seed": seed, "chat_template": chat_template, "positions": positions}
-    output = JobOutput(out, _settings(model, source, circuits, options))
+    positive_int(window, "window")
+    batcher = ContinuousBatcher(model, circuits.distinct, generation=generation, eos_ids=_eos_ids(model, tokenizer),
+                                pad_id=pad_token_id(tokenizer))
+    output = JobOutput(out, _settings(model, source, circuits, generation))
     summary, bad, started = JobSummary(resumed=len(output.done)), [], time.monotonic()
     try:
         records = (record for record in job_records(source, circuits, bad) if record.id not in output.done)
-        requests = _requests(records, tokenizer, circuits, chat_template, window, sampling, seed)
+        requests = _requests(records, tokenizer, circuits, window, generation)
         with tqdm(desc="generate", unit="rec", disable=not progress) as bar:
             for completion in batcher.run(requests):
                 output.write(_line(completion, tokenizer))

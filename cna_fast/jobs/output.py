@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from ._io import write_text_atomic
-from .errors import CNAError
+from .._io import write_text_atomic
+from ..errors import CNAError
 
 SIDECAR_SUFFIX = ".job.json"
 SYNC_SECONDS = 1.0  # fsync at most this often (and at close): a kill loses nothing, a power cut at most ~1 s

@@ -2,17 +2,15 @@
 table as CSV and JSON."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ._io import write_text_atomic
-from .circuit import Circuit
-from .errors import CNAError
+from .._io import csv_text, write_text_atomic
+from ..circuit import Circuit
+from ..errors import CNAError
 
 COLUMNS = ("round", "score", "size", "fraction", "multiplier", "behavior_rate", "kl", "quality", "prompts",
            "new_tokens", "tokens_spent", "stage", "within_budget", "pareto", "chosen")
@@ -156,13 +154,10 @@ class TuneResult:
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         """The table as CSV text; also written to `path` (atomically) if given."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.table)
+        text = csv_text(self.table, COLUMNS)
         if path is not None:
-            write_text_atomic(path, buffer.getvalue())
-        return buffer.getvalue()
+            write_text_atomic(path, text)
+        return text
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """Table, Pareto front, choice, token counts and the chosen and baseline answers as JSON."""

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._io import atomic_path
-from .errors import CNAError
+from .._io import atomic_path
+from ..errors import CNAError
+from .moments import batch_moments, chan_merge
 
 NEGATIVE, POSITIVE, SKIP = 0, 1, -1
 _FORMAT = "cna_fast.stats/1"
@@ -32,7 +33,7 @@ class NeuronStats:
     layers: the model layer index behind each row of `mean` and `m2`.
     count: [groups] rows seen per group (identical for every layer).
     mean, m2: [len(layers), groups, width].
-    meta: free-form provenance (model fingerprint, capture settings).
+    meta: free-form provenance (model architecture, capture settings).
     """
 
     def __init__(
@@ -67,12 +68,8 @@ class NeuronStats:
 
     def _merge_layers(self, layers: slice, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan merge into the layer rows `layers`; leaves `self.count` to the caller."""
-        mean = mean.to(self.device, torch.float64)
-        m2 = m2.to(self.device, torch.float64)
-        total = (self.count + count).clamp_min(1.0)
-        delta = mean - self.mean[layers]
-        self.mean[layers] += delta * (count / total)[None, :, None]
-        self.m2[layers] += m2 + delta.square() * (self.count * count / total)[None, :, None]
+        chan_merge(self.count, self.mean[layers], self.m2[layers], count, mean.to(self.device, torch.float64),
+                   m2.to(self.device, torch.float64))
 
     def update(self, rows: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Fold in sample rows with group `labels` [R]; -1 skips a row.
@@ -240,15 +237,3 @@ def _checked_tensors(names: set[str], tensors: dict[str, torch.Tensor], meta: ob
     if identity is not None and (isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0):
         raise CNAError(f"checkpoint position 'consumed' must be a whole number of prompts, got {consumed!r}")
     return layers.tolist()
-
-
-def batch_moments(rows: torch.Tensor, labels: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, ...]:
-    """Exact float64 count [G], mean and M2 [L, G, width] of `rows` [L, R, width] grouped by `labels` [R]."""
-    values = rows.to(torch.float64)
-    onehot = torch.nn.functional.one_hot(labels, n_groups).to(torch.float64)  # [R, G]
-    count = onehot.sum(0)
-    sums = torch.matmul(onehot.T, values)  # [L, G, width]
-    mean = sums / count.clamp_min(1.0)[None, :, None]
-    centered = values - mean[:, labels, :]
-    m2 = torch.matmul(onehot.T, centered.square_())
-    return count, mean, m2

@@ -20,29 +20,13 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._io import atomic_path
-from .errors import CNAError
-from .stats import NeuronStats
+from .._io import atomic_path
+from ..errors import CNAError
+from ..settings import validate_moe_mode
+from .dense import NeuronStats
+from .moments import chan_merge
 
-MODES = ("effective", "conditional")
-_FORMAT = "cna_fast.moe_stats/1"
-
-
-def validate_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise CNAError(f"unknown MoE statistics mode {mode!r}: choose effective (router weight x activation, 0 when "
-                       "not routed) or conditional (routed samples only)")
-    return mode
-
-
-def chan_merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, other_count: torch.Tensor,
-               other_mean: torch.Tensor, other_m2: torch.Tensor) -> None:
-    """Fold moments (other_count [..., G], other_mean and other_m2 [..., G, W]) into the first ones, in place."""
-    total = (count + other_count).clamp_min(1.0)
-    delta = other_mean - mean
-    mean += delta * (other_count / total)[..., None]
-    m2 += other_m2 + delta.square() * (count * other_count / total)[..., None]
-    count += other_count
+FORMAT = "cna_fast.moe_stats/1"
 
 
 class ExpertMoments:
@@ -55,7 +39,7 @@ class ExpertMoments:
 
     def __init__(self, num_experts: int, width: int, n_groups: int, mode: str,
                  device: torch.device | str = "cpu") -> None:
-        self.mode = validate_mode(mode)
+        self.mode = validate_moe_mode(mode)
         self.samples = torch.zeros(n_groups, dtype=torch.float64, device=device)
         self.routed = torch.zeros(num_experts, n_groups, dtype=torch.float64, device=device)
         self.count = torch.zeros_like(self.routed)
@@ -94,6 +78,7 @@ class ExpertMoments:
         # traffic of two passes (this runs on every routed row of every layer).
         m2 = (squares - sums * mean).clamp_min_(0.0)
         chan_merge(self.count, self.mean, self.m2, count, mean, m2)
+        self.count += count
         self.routed += routed
         self._present |= present
 
@@ -104,6 +89,7 @@ class ExpertMoments:
         if self.mode == "effective":
             absent = samples.expand_as(self.count) * (~self._present)[:, None]
             chan_merge(self.count, self.mean, self.m2, absent, torch.zeros_like(self.mean), torch.zeros_like(self.m2))
+            self.count += absent
         self._present.zero_()
 
 
@@ -113,7 +99,7 @@ class ExpertStats:
     def __init__(self, layers: Sequence[int], num_experts: int, width: int, n_groups: int = 2,
                  mode: str = "effective", device: torch.device | str = "cpu") -> None:
         self.layers = [int(layer) for layer in layers]
-        self.mode = validate_mode(mode)
+        self.mode = validate_moe_mode(mode)
         shape = (len(self.layers), num_experts, n_groups)
         self.samples = torch.zeros(n_groups, dtype=torch.float64, device=device)
         self.routed = torch.zeros(shape, dtype=torch.float64, device=device)
@@ -160,6 +146,7 @@ class ExpertStats:
     def merge_tensors(self, samples, routed, count, mean, m2) -> None:
         chan_merge(self.count, self.mean, self.m2, count.to(self.mean.device), mean.to(self.mean.device),
                    m2.to(self.mean.device))
+        self.count += count.to(self.count.device)
         self.samples += samples.to(self.samples.device)
         self.routed += routed.to(self.routed.device)
 
@@ -236,7 +223,7 @@ class MoEStats:
             tensors.update({f"ordinary{index}.count": part.count.cpu(), f"ordinary{index}.mean": part.mean.cpu(),
                             f"ordinary{index}.m2": part.m2.cpu(),
                             f"ordinary{index}.layers": torch.tensor(part.layers, dtype=torch.int64)})
-        header = {"format": _FORMAT, "mode": self.routed.mode, "parts": str(len(self.ordinary)),
+        header = {"format": FORMAT, "mode": self.routed.mode, "parts": str(len(self.ordinary)),
                   "meta": json.dumps(self.meta, sort_keys=True)}
         with atomic_path(path) as tmp:
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=header)
@@ -251,7 +238,7 @@ class MoEStats:
             tensors = load_file(str(path))
         except Exception as error:  # safetensors raises its own error type for corrupt files
             raise CNAError(f"cannot read statistics file {str(path)!r}: {error}") from error
-        if header.get("format") != _FORMAT:
+        if header.get("format") != FORMAT:
             raise CNAError(f"{str(path)!r} is not a cna_fast MoE statistics file")
         mean = tensors["routed.mean"]
         routed = ExpertStats(tensors["routed.layers"].tolist(), mean.shape[1], mean.shape[3], mean.shape[2],
@@ -266,15 +253,3 @@ class MoEStats:
                                               tensors[f"ordinary{index}.m2"])
             ordinary.append(part)
         return cls(ordinary, routed, json.loads(header.get("meta", "{}")))
-
-
-def load_any_stats(path: str | os.PathLike) -> NeuronStats | MoEStats:
-    """Dense or MoE statistics, whichever the file holds."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get("format")
-    except Exception as error:  # safetensors raises its own error type for corrupt files
-        raise CNAError(f"cannot read statistics file {str(path)!r}: {error}") from error
-    return MoEStats.load(path) if kind == _FORMAT else NeuronStats.load(path)

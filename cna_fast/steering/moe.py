@@ -11,43 +11,47 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .circuit import Circuit
-from .errors import CNAError
-from .hooks import HookSet
-from .models.moe import MoEAdapter, row_hook
+from ..circuit import Circuit
+from ..errors import CNAError
+from ..hooks import HookSet
+from ..models import MoEAdapter
+from ..models.moe import row_hook
+from .scale import ScaleTable, Steering
 
 
-class _ExpertScale:
-    """One layer's routed circuit neurons (expert, neuron) pairs and their scale [k] or [rows, k]."""
+class MoESteering(Steering):
+    """Steering on a mixture-of-experts model: ordinary neurons as in `Steering`, routed neurons scaled inside
+    the experts' forward. The fused kernels do not cover experts: steering takes the hook path."""
 
-    def __init__(self, experts: torch.Tensor, neurons: torch.Tensor, scale: torch.Tensor) -> None:
-        self.experts, self.neurons, self.scale = experts, neurons, scale
-        self._on_device: dict[tuple, tuple[torch.Tensor, ...]] = {}
+    handles_moe = True
 
-    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        key = (device, dtype)
-        if key not in self._on_device:
-            self._on_device[key] = (self.experts.to(device), self.neurons.to(device),
-                                    self.scale.to(device=device, dtype=dtype))
-        return self._on_device[key]
+    def _fusable(self, backend: str) -> bool:
+        if backend == "triton":
+            warnings.warn("the fused Triton kernels do not cover mixture-of-experts layers: steering takes the hook "
+                          "path", stacklevel=4)
+        return False
+
+    def _install(self, hooks: HookSet, adapter: MoEAdapter) -> None:
+        self._batch_rows = BatchRows()
+        hooks.pre_hook(adapter.body, self._batch_rows.pre_hook, with_kwargs=True)
+        install_routed_steering(adapter, expert_scales(self.circuits, self.multipliers), hooks,
+                                lambda: (self.positions, self.phase.prompt_part))
+        super()._install(hooks, adapter)
+
+    def _rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._batch_rows.unflatten(hidden)
 
 
-def expert_scales(circuits: Sequence[Circuit], multipliers: torch.Tensor) -> dict[int, _ExpertScale]:
-    """Per MoE layer, the union of the circuits' routed neurons and the product of their multipliers."""
-    per_row = multipliers.dim() == 2
-    scales: dict[int, _ExpertScale] = {}
+def expert_scales(circuits: Sequence[Circuit], multipliers: torch.Tensor) -> dict[int, ScaleTable]:
+    """Per MoE layer, the union of the circuits' routed (expert, neuron) pairs and the product of their multipliers."""
+    scales: dict[int, ScaleTable] = {}
     routed = [circuit.routed for circuit in circuits]
     layers = torch.cat([circuit.layers[mask] for circuit, mask in zip(circuits, routed)]).unique().tolist()
     for layer in layers:
         keys = [(circuit.experts * (1 << 32) + circuit.neurons)[mask & (circuit.layers == layer)]
                 for circuit, mask in zip(circuits, routed)]
-        union = torch.cat(keys).unique()
-        scale = torch.ones((multipliers.shape[0], union.numel()) if per_row else (union.numel(),))
-        for column, members in enumerate(keys):
-            inside = torch.isin(union, members)
-            factor = multipliers[..., column]
-            scale[..., inside] *= factor[:, None] if per_row else factor
-        scales[layer] = _ExpertScale(union >> 32, union & ((1 << 32) - 1), scale)
+        union, scale = ScaleTable.merged(keys, multipliers)
+        scales[layer] = ScaleTable((union >> 32, union & ((1 << 32) - 1)), scale)
     return scales
 
 
@@ -65,19 +69,7 @@ class BatchRows:
         self.rows = (inputs if inputs is not None else kwargs.get("inputs_embeds")).shape[0]
 
 
-def install_moe_steering(adapter: MoEAdapter, circuits: Sequence[Circuit], multipliers: torch.Tensor,
-                         hooks: HookSet, backend: str, phase: Callable[[], tuple[str, int]]) -> BatchRows:
-    """Everything steering adds on an MoE model besides the ordinary neurons' pre-hooks; returns the row tracker."""
-    if backend == "triton":
-        warnings.warn("the fused Triton kernels do not cover mixture-of-experts layers: steering takes the hook path",
-                      stacklevel=4)
-    rows = BatchRows()
-    hooks.pre_hook(adapter.body, rows.pre_hook, with_kwargs=True)
-    install_routed_steering(adapter, expert_scales(circuits, multipliers), hooks, phase)
-    return rows
-
-
-def install_routed_steering(adapter: MoEAdapter, scales: dict[int, _ExpertScale], hooks: HookSet,
+def install_routed_steering(adapter: MoEAdapter, scales: dict[int, ScaleTable], hooks: HookSet,
                             phase: Callable[[], tuple[str, int]]) -> None:
     """Row hooks (removed with `hooks`) that scale the routed circuit neurons of each layer in `scales`.
 
@@ -98,7 +90,7 @@ def _shape_recorder(batch_shape: dict[str, tuple[int, int]]):
     return hook
 
 
-def _scaling_hook(entry: _ExpertScale, batch_shape: dict[str, tuple[int, int]], phase: Callable[[], tuple[str, int]]):
+def _scaling_hook(entry: ScaleTable, batch_shape: dict[str, tuple[int, int]], phase: Callable[[], tuple[str, int]]):
     def hook(h: torch.Tensor, experts: torch.Tensor, tokens: torch.Tensor, routing: torch.Tensor) -> None:
         entry_experts, neurons, scale = entry.tensors(h.device, h.dtype)
         rows, which = (experts[:, None] == entry_experts[None, :]).nonzero(as_tuple=True)
