@@ -28,3 +28,11 @@ def positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise CNAError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def one_of(value: object, choices: tuple, what: str, meanings: str = "") -> object:
+    """`value` if it is one of `choices`; else a CNAError naming them (and what they mean, when given)."""
+    if value not in choices:
+        hint = f" ({meanings})" if meanings else ""
+        raise CNAError(f"unknown {what} {value!r}: choose one of {', '.join(map(str, choices))}{hint}")
+    return value

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import LONG_PROMPT_POLICIES, PADDING_SIDES
-from .errors import CNAError, positive_int
+from .errors import CNAError, one_of, positive_int
 
 REDUCTIONS = ("last", "all", "mean")
 DEFAULT_BATCH_SIZE = 32
@@ -24,18 +24,12 @@ MOE_MODES = ("effective", "conditional")
 
 def validate_reduction(reduction: str) -> str:
     """`reduction` if it names a way to turn a prompt's tokens into samples."""
-    if reduction not in REDUCTIONS:
-        raise CNAError(f"unknown reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)} (last token, "
-                       "all tokens, per-prompt mean)")
-    return reduction
+    return one_of(reduction, REDUCTIONS, "reduction", "last token, all tokens, per-prompt mean")
 
 
 def validate_moe_mode(mode: str) -> str:
     """`mode` if it names a kind of routed-neuron statistics."""
-    if mode not in MOE_MODES:
-        raise CNAError(f"unknown moe_mode {mode!r}: choose effective (router weight x activation, 0 when not routed) "
-                       "or conditional (routed samples only)")
-    return mode
+    return one_of(mode, MOE_MODES, "moe_mode", "router weight x activation, 0 when not routed; or routed samples only")
 
 
 def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
@@ -87,12 +81,10 @@ class CaptureSettings:
         if not (self.chat_template is None or isinstance(self.chat_template, (bool, str))):
             raise CNAError(f"chat_template must be None, True, False or a template string, got {self.chat_template!r}")
         positive_int(self.batch_size, "batch_size")
-        if self.padding_side not in PADDING_SIDES:
-            raise CNAError(f"unknown padding side {self.padding_side!r}: choose left or right")
+        one_of(self.padding_side, PADDING_SIDES, "padding side")
         if self.max_length is not None:
             positive_int(self.max_length, "max_length")
-        if self.on_long not in LONG_PROMPT_POLICIES:
-            raise CNAError(f"unknown on_long {self.on_long!r}: choose truncate or error")
+        one_of(self.on_long, LONG_PROMPT_POLICIES, "on_long")
         validate_moe_mode(self.moe_mode)
 
     @classmethod

@@ -469,12 +469,12 @@ def test_an_output_set_is_written_all_or_none(tmp_path):
 
 def test_a_bug_exits_1_with_a_hint_to_report_it(work, monkeypatch, capsys):
     """Any exception that is not about the input or the environment is a bug: exit 1, one line, a hint."""
-    from cna_fast import cli
+    from cna_fast.cli import commands
 
     def broken(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli, "run_inspect", broken)
+    monkeypatch.setattr(commands, "run_inspect", broken)
     code, err = run_cli("inspect", work["circuit"], capsys=capsys)
     line = one_error(err, "inspect")
     assert code == 1 and "ZeroDivisionError" in line and "report" in line and err.count("\n") == 1

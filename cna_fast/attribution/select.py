@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CNAError, positive_int
+from ..errors import CNAError, one_of, positive_int
 
 SCORES = ("diff", "t", "d")
 DEFAULT_TOP_FRAC = 0.001
@@ -20,10 +20,7 @@ _TINY = 1e-12
 
 
 def validate_score(score: str) -> str:
-    if score not in SCORES:
-        raise CNAError(f"unknown score {score!r}: choose one of {', '.join(SCORES)} (diff = mean difference, "
-                       "t = Welch t, d = Cohen's d)")
-    return score
+    return one_of(score, SCORES, "score", "diff = mean difference, t = Welch t, d = Cohen's d")
 
 
 def validate_top_frac(top_frac: float) -> float:

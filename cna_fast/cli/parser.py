@@ -44,6 +44,13 @@ def _finite(text: str) -> float:
     return value
 
 
+def _positive_number(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _finite(text)
     if not 0 < value <= 1:
@@ -101,7 +108,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", choices=POSITION_MODES, default="all",
                         help="which tokens are steered (default: prompt and generated)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--temperature", type=_positive_number, default=0.7, help="with --sample (default 0.7)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -164,15 +171,20 @@ def _add_generate_parser(commands) -> None:
     _add_generation_options(generate)
 
 
+def _add_evaluation_options(parser: argparse.ArgumentParser, multipliers: list[float] | None, strengths: str) -> None:
+    """A circuit, prompts whose answers show the behavior, the strengths, the judge and the generations."""
+    parser.add_argument("--circuit", required=True)
+    parser.add_argument("--prompts", required=True, help="prompts whose answers show the behavior (.txt/.jsonl/.csv)")
+    parser.add_argument("--multipliers", type=_finite_list, default=multipliers, metavar="0,0.5,1,2", help=strengths)
+    _add_judge_options(parser)
+    _add_generation_options(parser)
+
+
 def _add_sweep_parser(commands) -> None:
     sweep = commands.add_parser("sweep", help="generate at several multipliers in one batched run")
-    sweep.add_argument("--circuit", required=True)
-    sweep.add_argument("--multipliers", type=_finite_list, default=list(DEFAULT_STRENGTHS), metavar="0,0.5,1,2")
-    sweep.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.csv)")
+    _add_evaluation_options(sweep, list(DEFAULT_STRENGTHS), "multipliers of the circuit (default 0,0.5,1,2)")
     sweep.add_argument("--out", help="CSV of every generation with its behavior, quality and answer perplexity")
     sweep.add_argument("--plot", help="PNG of behavior rate and quality against the multiplier")
-    _add_judge_options(sweep)
-    _add_generation_options(sweep)
 
 
 def _add_export_parser(commands) -> None:
@@ -197,10 +209,7 @@ def _add_export_parser(commands) -> None:
 
 def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
-    evaluate.add_argument("--circuit", required=True)
-    evaluate.add_argument("--prompts", required=True, help="prompts whose answers show the behavior")
-    evaluate.add_argument("--multipliers", type=_finite_list, metavar="0,0.5,1,2",
-                          help="strengths (default: 1 and the circuit's tuned multiplier, else 0,0.5,1,2)")
+    _add_evaluation_options(evaluate, None, "strengths (default: 1 and the circuit's tuned multiplier, else 0,0.5,1,2)")
     evaluate.add_argument("--baseline", default="caa,random", help="comma-separated: caa, random (or 'none')")
     evaluate.add_argument("--no-capability", action="store_true",
                           help="skip the KL, perplexity and multiple-choice pass (one forward pass per setting)")
@@ -208,8 +217,6 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--json", help="metrics and every generation as JSON")
     evaluate.add_argument("--plot", help="PNG: behavior, quality and KL against strength, and the layer distribution")
     evaluate.add_argument("--html", help="an HTML report with the plot, the table and sample generations")
-    _add_judge_options(evaluate)
-    _add_generation_options(evaluate)
 
 
 def _add_demo_parser(commands) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton import INTERPRETER, cdiv, jit, next_power_of_2, require_triton, tl
-from .activations import act_and_mul_torch, activate, activation_kind, check_gate_up
+from .activations import act_and_mul_torch, activation_kind, check_gate_up, load_activated
 
 NEGATIVE, POSITIVE = 0, 1  # the two sides of the moments; rows labeled otherwise are skipped
 _LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
@@ -145,11 +145,7 @@ def _act_and_capture_kernel(
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
         offsets = rows.to(tl.int64)[:, None]
-        values = activate(tl.load(gate_ptr + offsets * gate_stride + cols[None, :], mask=mask, other=0.0)
-                          .to(tl.float32), KIND)
-        if HAS_UP:
-            values = values * tl.load(up_ptr + offsets * up_stride + cols[None, :], mask=mask,
-                                      other=0.0).to(tl.float32)
+        values = load_activated(gate_ptr, up_ptr, offsets, cols, gate_stride, up_stride, mask, KIND, HAS_UP)
         h = values.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offsets * h_stride + cols[None, :], h, mask=mask)
         values = h.to(tl.float32)  # the statistics describe h as written

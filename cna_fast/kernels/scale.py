@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import INTERPRETER, cdiv, jit, next_power_of_2, require_triton, tl
-from .activations import act_and_mul_torch, activate, activation_kind, check_gate_up
+from .activations import act_and_mul_torch, activation_kind, check_gate_up, load_activated
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -100,10 +100,7 @@ def _act_and_scale_kernel(
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows.to(tl.int64)[:, None]
-    values = activate(tl.load(gate_ptr + offsets * gate_stride + cols[None, :], mask=mask, other=0.0)
-                      .to(tl.float32), KIND)
-    if HAS_UP:
-        values = values * tl.load(up_ptr + offsets * up_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    values = load_activated(gate_ptr, up_ptr, offsets, cols, gate_stride, up_stride, mask, KIND, HAS_UP)
     if HAS_SCALE:
         if HAS_TABLE:
             table = tl.load(table_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)

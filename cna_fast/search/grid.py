@@ -17,7 +17,7 @@ import torch
 
 from ..attribution import SCORES, attribute, validate_score
 from ..circuit import Circuit
-from ..errors import CNAError
+from ..errors import CNAError, one_of
 from ..stats import Stats
 from .result import Candidate
 
@@ -82,8 +82,7 @@ def size_grid(total_neurons: int, eligible: int, sizes: Sequence[float] | None =
 
 def multiplier_grid(goal: str, multipliers: Sequence[float] | None = None) -> list[float]:
     """The multipliers to search: ablations to remove a behavior, amplifications to induce it."""
-    if goal not in GOALS:
-        raise CNAError(f"unknown goal {goal!r}: choose 'remove' (ablate the circuit) or 'induce' (amplify it)")
+    one_of(goal, GOALS, "goal", "remove: ablate the circuit; induce: amplify it")
     values = list(ABLATE if goal == "remove" else AMPLIFY) if multipliers is None else [float(m) for m in multipliers]
     if not values or not all(math.isfinite(value) for value in values):
         raise CNAError("multipliers must be finite numbers, e.g. 0,0.5,-0.5,-1")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..circuit import Circuit, as_multiplier
-from ..errors import CNAError
+from ..errors import CNAError, one_of
 from ..hooks import HookSet
 from ..models import find_cache, get_adapter, is_moe
 from ..models.fused import fused_backend, patched_scale
@@ -25,9 +25,7 @@ POSITION_MODES = ("all", "prompt", "generated")
 
 def validate_positions(positions: str) -> str:
     """`positions` if it names which tokens to steer: all, prompt or generated."""
-    if positions not in POSITION_MODES:
-        raise CNAError(f"unknown positions {positions!r}: choose one of {', '.join(POSITION_MODES)}")
-    return positions
+    return one_of(positions, POSITION_MODES, "positions")
 
 
 def as_circuits(circuits: Circuit | Sequence[Circuit]) -> list[Circuit]:
