@@ -46,6 +46,8 @@ class Capturer:
         if is_moe(self.adapter) != self.handles_moe:
             raise CNAError(f"{type(self).__name__} does not capture this {self.adapter.model_type} model: build the "
                            "capturer with cna_fast.capture.capturer_for(model, settings)")
+        if not self.handles_moe:
+            self.width = self.adapter.d_ff  # dense statistics have one width (raises for layers that differ)
         self.model = model
         self.tokenizer = tokenizer
         self.progress = progress
@@ -117,7 +119,6 @@ class Capturer:
     def _accumulator(self, n_groups: int, initial: NeuronStats | None) -> Accumulator:
         if self.fused and n_groups == 2:
             return FusedMoments(self.model, self.adapter, self.layers, initial)
-        self.adapter.d_ff  # noqa: B018 (raises for layers of different widths: dense statistics have one width)
         return DeviceStats(self.adapter, self.layers, n_groups, [initial] if initial is not None else [])
 
     def _run_window(self, window: list[tuple[str, int]], seen: int, n_groups: int, recorder: Recorder,
