@@ -27,7 +27,7 @@ def run_one(count: int) -> dict:
     """Generate `count` records into a temporary file; report peak RSS and throughput."""
     import torch
 
-    from cna_fast.batch_job import generate_to_file
+    from cna_fast.jobs import generate_to_file
     from tests.tiny import build_tiny_model, build_tokenizer
 
     torch.set_num_threads(1)

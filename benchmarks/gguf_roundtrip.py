@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cna_fast import discover, load_model
-from cna_fast.evaluate import language_rate
-from cna_fast.gguf_export import export_gguf
+from cna_fast.evaluation import language_rate
+from cna_fast.export import export_gguf
 from cna_fast.models import gguf_source
 from cna_fast.prompts import bundled_prompts
 from cna_fast.steering import generate, steer
@@ -47,7 +47,7 @@ def main(out_folder: str) -> None:
     print(f"logits over {int(real.sum())} tokens: max |exported - steered| = {(exported - steered).abs().max():.4f}, "
           f"max |base - steered| = {(base - steered).abs().max():.4f}")
     settings = {"max_new_tokens": 40, "batch_size": 16, "progress": False}
-    hooked = generate(model, tokenizer, held_out, circuit=circuit, multiplier=0.0, **settings)
+    hooked = generate(model, tokenizer, held_out, circuits=circuit, multiplier=0.0, **settings)
     unsteered = generate(model, tokenizer, held_out, **settings)
     from_file = generate(served, tokenizer, held_out, **settings)
     same = sum(a == b for a, b in zip(hooked, from_file))

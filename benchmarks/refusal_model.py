@@ -8,7 +8,7 @@ Reproduces the README's "Measured on a model that really refuses" table from a G
    the paper's default circuit (top 0.1%, mean difference) and the saved statistics;
 2. `cna tune --stats` on the held-out harmful prompts (refusal judge, KL budget), a small grid;
 3. unsteered, paper's default (x0) and tuned (its recorded multiplier), greedy, on the held-out harmful
-   and harmless prompts: refusal by `evaluate.is_refusal`, 4-gram
+   and harmless prompts: refusal by `evaluation.is_refusal`, 4-gram
    quality, answer perplexity (harmful prompts) under the unsteered model, KL on neutral text;
 4. the judge's agreement with the human labels of the labeled file.
 
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from cna_fast import evaluate
+from cna_fast import evaluation
 from cna_fast.circuit import Circuit
 from cna_fast.cli import main as cna
-from cna_fast.judges import agreement_line, judge_agreement, read_labeled_answers
+from cna_fast.evaluation import agreement_line, judge_agreement, read_labeled_answers
 from cna_fast.models import load_model
 from cna_fast.steering import generate, steer
 
 DATA = Path(__file__).parent / "data"
-LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal_labeled_answers.jsonl"
+LABELS = Path(__file__).resolve().parents[1] / "tests" / "data" / "refusal_labeled_answers.jsonl"
 
 
 def held_out_prompts(labels: Path) -> dict[str, list[str]]:
@@ -66,23 +66,23 @@ def search(args, work: Path, eval_harmful: Path) -> None:
 def compare(model, tokenizer, settings: dict[str, tuple[Circuit | None, float]], prompts: dict[str, list[str]],
             neutral: list[str], max_new_tokens: int) -> tuple[list[dict], dict]:
     """Greedy answers of every setting to every held-out prompt set; metrics per setting."""
-    reference = evaluate.capability_metrics(model, tokenizer, neutral)
+    reference = evaluation.capability_metrics(model, tokenizer, neutral)
     table, answers = [], {}
     for name, (circuit, multiplier) in settings.items():
         context = (lambda c=circuit, m=multiplier: steer(model, c, m)) if circuit is not None else None
         row = {"setting": name, "neurons": len(circuit) if circuit is not None else 0,
                "multiplier": multiplier if circuit is not None else 1.0,
-               "kl_neutral": evaluate.capability_metrics(model, tokenizer, neutral, reference["_logprobs"],
+               "kl_neutral": evaluation.capability_metrics(model, tokenizer, neutral, reference["_logprobs"],
                                                          context)["kl"] if context else 0.0}
         answers[name] = {}
         for kind, kind_prompts in prompts.items():
             outputs = generate(model, tokenizer, kind_prompts, circuits=circuit, multiplier=multiplier,
                                max_new_tokens=max_new_tokens, batch_size=16)
-            refusals = [evaluate.is_refusal(text) for text in outputs]
-            perplexities = [value for value in evaluate.answer_perplexity(model, tokenizer, kind_prompts, outputs)
+            refusals = [evaluation.is_refusal(text) for text in outputs]
+            perplexities = [value for value in evaluation.answer_perplexity(model, tokenizer, kind_prompts, outputs)
                             if math.isfinite(value)]
             row[f"refusal_{kind}"] = sum(refusals) / len(refusals)
-            row[f"quality_{kind}"] = sum(evaluate.quality(text) for text in outputs) / len(outputs)
+            row[f"quality_{kind}"] = sum(evaluation.quality(text) for text in outputs) / len(outputs)
             row[f"answer_ppl_{kind}"] = sum(perplexities) / len(perplexities) if perplexities else float("nan")
             answers[name][kind] = [{"prompt": p, "answer": a, "refusal": r}
                                    for p, a, r in zip(kind_prompts, outputs, refusals)]
@@ -114,7 +114,7 @@ def main() -> None:
     prompts = held_out_prompts(Path(args.labels))
     eval_harmful = work / "eval_harmful.txt"
     eval_harmful.write_text("\n".join(prompts["harmful"]) + "\n")
-    neutral = evaluate.bundled_neutral_texts()
+    neutral = evaluation.bundled_neutral_texts()
     (work / "neutral.txt").write_text("\n".join(neutral[:args.neutral_count]) + "\n")
     started = time.perf_counter()
     wanted = args.settings.split(",")
@@ -129,7 +129,7 @@ def main() -> None:
     chosen_sets = {kind: prompts[kind] for kind in args.sets.split(",")}
     table, answers = compare(model, tokenizer, settings, chosen_sets, neutral[:args.compare_neutral_count],
                              args.max_new_tokens)
-    agreement = judge_agreement(evaluate.is_refusal, args.labels)
+    agreement = judge_agreement(evaluation.is_refusal, args.labels)
     (work / f"answers_{'_'.join(settings)}.json").write_text(json.dumps(answers, indent=1))
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import cna_fast
-from cna_fast.batch_job import generate_to_file
+from cna_fast.jobs import generate_to_file
 from cna_fast.batching import encode_prompts
 from cna_fast.prompts import bundled_prompts
 from cna_fast.steering import generate

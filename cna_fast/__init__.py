@@ -2,35 +2,42 @@
 
 Find the few MLP neurons whose activations separate two prompt sets, then steer a model by scaling
 exactly those neurons. Data flows one way: prompts -> capture -> stats -> attribution -> circuit
--> steering -> evaluate; each stage is a module usable on its own (docs/architecture.md).
+-> steering -> evaluation, with search, export and jobs on top; each stage is a folder usable on
+its own (docs/architecture.md).
 """
-from .errors import CircuitMismatchError, CNAError, UnsupportedArchitectureError
-from .models import get_adapter, load_model
-from .prompts import PromptSource, bundled_prompts, read_prompts
-from .stats import NeuronStats
-from .settings import CaptureSettings
-from .capture import capture_contrast
+from ._version import __version__
+from .attribution import Selection, attribute, score_neurons, select_neurons
+from .capture import Checkpoint, capture_contrast
 from .circuit import Circuit
-from .attribution import attribute, score_neurons, select_neurons
+from .errors import CircuitMismatchError, CNAError, UnsupportedArchitectureError
+from .export import export_folded, export_gguf, export_lora
+from .jobs import generate_to_file
+from .models import get_adapter, load_model
 from .pipeline import UniversalFilter, discover
-from .steering import Steering, caa, generate, steer
-from .export import export_folded, export_lora
-from .gguf_export import export_gguf
-from .tune import tune
-from .batch_job import generate_to_file
-
-__version__ = "0.1.0"
+from .prompts import PromptSource, bundled_prompts, read_prompts
+from .search import Judging, SearchBudget, SearchSpace, tune
+from .settings import CaptureSettings
+from .stats import MoEStats, NeuronStats
+from .steering import GenerationSettings, Steering, caa, generate, steer
 
 __all__ = [
     "CNAError",
     "CaptureSettings",
+    "Checkpoint",
     "Circuit",
     "CircuitMismatchError",
+    "GenerationSettings",
+    "Judging",
+    "MoEStats",
     "NeuronStats",
     "PromptSource",
+    "SearchBudget",
+    "SearchSpace",
+    "Selection",
     "Steering",
     "UnsupportedArchitectureError",
     "UniversalFilter",
+    "__version__",
     "attribute",
     "bundled_prompts",
     "caa",

@@ -1,4 +1,6 @@
-"""Atomic file output: a reader never sees a half-written file, a failure leaves none behind.
+"""File and terminal output: atomic files, CSV text, and text from files made safe for a terminal.
+
+Atomic file output: a reader never sees a half-written file, a failure leaves none behind.
 
 Temporary files and staging folders carry the writing process's id in their hidden names
 (`.NAME.PID.RANDOM.tmp`, `.NAME.PID.RANDOM.staging`), so the next run into the same place can
@@ -7,12 +9,17 @@ remove those that a killed run left behind without touching a concurrent run's.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from .errors import CNAError
 
 _LEFTOVER_SUFFIXES = (".tmp", ".staging", ".old")
 
@@ -22,8 +29,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it over `path`, on error delete it."""
     target = Path(path)
     if target.parent and not target.parent.exists():
-        from .errors import CNAError
-
         raise CNAError(f"output folder {str(target.parent)!r} does not exist: create it first")
     remove_leftovers(target)
     fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent)
@@ -57,8 +62,6 @@ def atomic_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[dict[s
 def _kept_temporary(target: Path) -> Iterator[Path]:
     """A temporary path beside `target` (no file yet), deleted on exit unless it was moved away."""
     if not target.parent.is_dir():
-        from .errors import CNAError
-
         raise CNAError(f"output folder {str(target.parent)!r} does not exist: create it first")
     remove_leftovers(target)
     fd, name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent)
@@ -132,3 +135,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Rows as CSV text with a header (columns: default, the first row's keys)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns if columns is not None else rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def printable(value: Any, keep_newlines: bool = False) -> str:
+    """Text from a file or a model, safe for a terminal: control characters (escape sequences) are shown escaped."""
+    kept = "\n\t" if keep_newlines else ""
+    return "".join(char if char.isprintable() or char in kept else char.encode("unicode_escape").decode("ascii")
+                   for char in str(value))

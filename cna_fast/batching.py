@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from .errors import CNAError
+from .errors import CNAError, one_of
 
 PADDING_SIDES = ("left", "right")
 LONG_PROMPT_POLICIES = ("truncate", "error")
@@ -204,8 +204,7 @@ class LengthLimit:
     """Applies a token limit to encoded prompts: truncate (keep the shared prefix and the end) or refuse."""
 
     def __init__(self, max_length: int | None, on_long: str, prefix: Sequence[int] = ()) -> None:
-        if on_long not in LONG_PROMPT_POLICIES:
-            raise CNAError(f"unknown on_long {on_long!r}: choose truncate or error")
+        one_of(on_long, LONG_PROMPT_POLICIES, "on_long")
         if max_length is not None and max_length <= len(prefix):
             raise CNAError(f"max_length {max_length} leaves no room after the {len(prefix)}-token "
                            "chat-template prefix")

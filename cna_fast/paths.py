@@ -242,16 +242,3 @@ def check_model_folder(name: str | os.PathLike | None) -> None:
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise CNAError(f"model folder {str(name)!r} holds a {model_type!r} model, which is not a causal language "
                        "model: use a decoder LM such as Llama, Qwen, Gemma or GPT-2")
-
-
-def named_circuit_paths(specs: list[str]) -> dict[str, str]:
-    """--circuit values as {name: path}: NAME=PATH, or a plain PATH named by its file stem."""
-    named: dict[str, str] = {}
-    for spec in specs:
-        name, separator, path = spec.partition("=")
-        if not separator or not name or os.path.exists(spec) or "/" in name or os.sep in name:
-            name, path = os.path.splitext(os.path.basename(spec))[0], spec
-        if name in named:
-            raise CNAError(f"two circuits are named {name!r}: give each --circuit a distinct NAME=PATH")
-        named[name] = path
-    return named

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import warnings
 import json
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import CNAError
+from .paths import require_file
 
 PROMPT_FIELDS = ("prompt", "text")
 FORMATS = (".txt", ".jsonl", ".csv")
@@ -58,8 +58,6 @@ class PromptSource:
             self.dataset, self.split, self.column = parts
             self.path = None
         else:
-            from .paths import require_file
-
             self.path = require_file(self.spec, "prompt file")  # a folder, FIFO or device says what it is
             suffix = self.path.suffix.lower()
             if suffix not in FORMATS:
@@ -163,11 +161,6 @@ class PromptSource:
             yield number, record[self.column] if self.column in record else BadRecord(
                 number, f"no column {self.column!r} (columns: {', '.join(record)})"), dict(record)
 
-    def fingerprint(self) -> str:
-        """Deprecated name of `content_hash()`."""
-        warnings.warn("PromptSource.fingerprint() is deprecated: use content_hash()", DeprecationWarning, stacklevel=2)
-        return self.content_hash()
-
     def content_hash(self) -> str:
         """SHA-256 of the file's bytes (or the dataset spec), to tie checkpoints to their inputs."""
         if self.path is None:
@@ -191,6 +184,14 @@ def _json_prompt(line: str) -> tuple[object, dict]:
     return (value if value is not None else BadRecord(0, "no 'prompt' or 'text' field")), record
 
 
+def open_prompt_source(spec: str | os.PathLike, *, skip_bad: bool = False) -> PromptSource:
+    """A lazy prompt source, checked now: it must hold at least one usable prompt."""
+    source = PromptSource(spec, skip_bad=skip_bad)
+    if next(iter(source), None) is None:
+        raise CNAError(f"prompt file {str(spec)!r} contains no prompts")
+    return source
+
+
 def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False) -> list[str]:
     """All prompts of a file or dataset as a list (see PromptSource); an empty set is a CNAError."""
     prompts = list(PromptSource(path, skip_bad=skip_bad))
@@ -199,12 +200,37 @@ def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False) -> list[str
     return prompts
 
 
+def bundled_text(filename: str) -> str:
+    """The text of a data file shipped with the package (cna_fast/data/)."""
+    return resources.files("cna_fast").joinpath(f"data/{filename}").read_text(encoding="utf-8")
+
+
 def bundled_prompts(name: str) -> list[str]:
     """A prompt set shipped with the package: french_questions, english_questions, french_heldout."""
     if name not in BUNDLED:
         raise CNAError(f"unknown bundled prompt set {name!r}: choose one of {', '.join(BUNDLED)}")
-    text = resources.files("cna_fast").joinpath(f"data/{name}.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in bundled_text(f"{name}.txt").splitlines() if line.strip()]
+
+
+def bundled_diverse_prompts() -> dict[str, list[str]]:
+    """The built-in diverse prompt set of the universal-neuron filter: topic -> prompts."""
+    groups: dict[str, list[str]] = {}
+    for line in bundled_text("diverse.jsonl").splitlines():
+        record = json.loads(line)
+        groups.setdefault(record["topic"], []).append(record["prompt"])
+    return groups
+
+
+def prompts_hash(prompts: Iterable[str]) -> str:
+    """A hash that identifies a prompt set: the file's bytes for a PromptSource, the texts for a list."""
+    if isinstance(prompts, PromptSource):
+        return prompts.content_hash()
+    if isinstance(prompts, (list, tuple)):
+        digest = hashlib.sha256()
+        for prompt in prompts:
+            digest.update(str(prompt).encode("utf-8") + b"\0")
+        return digest.hexdigest()
+    raise CNAError("checkpointing needs re-readable prompt sets (a list or a PromptSource), not a one-shot iterator")
 
 
 # Public prompt sets of the paper's evaluations: (dataset, config, split, column).

@@ -1,19 +1,21 @@
-"""Capture settings, declared and validated once.
+"""Capture settings, declared and validated once, and the one way keyword options fill settings objects.
 
 Every entry point that runs prompts through a model for statistics (`capture_contrast`,
-`discover`, the universal filter, the CLI) takes a `CaptureSettings` or builds one from the same
-keyword arguments, and a checkpoint's identity is derived from it, so the two cannot drift apart.
+`discover`, the universal filter, the search, the CLI) takes a `CaptureSettings` or builds one from
+the same keyword arguments, and a checkpoint's identity is derived from it, so the two cannot drift
+apart. Entry points with several settings objects (`discover`, `tune`, `generate_to_file`, ...)
+hand their keyword options to `with_options`, which gives each option to the objects that have it.
 """
 from __future__ import annotations
 
 import dataclasses
 import numbers
-import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .batching import LONG_PROMPT_POLICIES, PADDING_SIDES
-from .errors import CNAError
+from .errors import CNAError, one_of, positive_int
 
 REDUCTIONS = ("last", "all", "mean")
 DEFAULT_BATCH_SIZE = 32
@@ -22,10 +24,12 @@ MOE_MODES = ("effective", "conditional")
 
 def validate_reduction(reduction: str) -> str:
     """`reduction` if it names a way to turn a prompt's tokens into samples."""
-    if reduction not in REDUCTIONS:
-        raise CNAError(f"unknown reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)} (last token, "
-                       "all tokens, per-prompt mean)")
-    return reduction
+    return one_of(reduction, REDUCTIONS, "reduction", "last token, all tokens, per-prompt mean")
+
+
+def validate_moe_mode(mode: str) -> str:
+    """`mode` if it names a kind of routed-neuron statistics."""
+    return one_of(mode, MOE_MODES, "moe_mode", "router weight x activation, 0 when not routed; or routed samples only")
 
 
 def validate_layers(layers: Iterable[int], num_layers: int) -> list[int]:
@@ -76,37 +80,19 @@ class CaptureSettings:
         validate_reduction(self.reduction)
         if not (self.chat_template is None or isinstance(self.chat_template, (bool, str))):
             raise CNAError(f"chat_template must be None, True, False or a template string, got {self.chat_template!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise CNAError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.padding_side not in PADDING_SIDES:
-            raise CNAError(f"unknown padding side {self.padding_side!r}: choose left or right")
-        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
-                                            or self.max_length < 1):
-            raise CNAError(f"max_length must be a positive integer, got {self.max_length!r}")
-        if self.on_long not in LONG_PROMPT_POLICIES:
-            raise CNAError(f"unknown on_long {self.on_long!r}: choose truncate or error")
-        if self.moe_mode not in MOE_MODES:
-            raise CNAError(f"unknown moe_mode {self.moe_mode!r}: choose effective (router weight x activation, 0 when "
-                           "not routed) or conditional (routed samples only)")
+        positive_int(self.batch_size, "batch_size")
+        one_of(self.padding_side, PADDING_SIDES, "padding side")
+        if self.max_length is not None:
+            positive_int(self.max_length, "max_length")
+        one_of(self.on_long, LONG_PROMPT_POLICIES, "on_long")
+        validate_moe_mode(self.moe_mode)
 
     @classmethod
     def build(cls, settings: "CaptureSettings | None" = None, **options: Any) -> "CaptureSettings":
-        """`settings`, or settings made from keyword options (`position` is a deprecated name of `reduction`).
-
-        Options given beside `settings` replace its fields.
-        """
-        if "position" in options:
-            warnings.warn("position= is deprecated: use reduction= (same values: last, all, mean)",
-                          DeprecationWarning, stacklevel=3)
-            options["reduction"] = options.pop("position")
-        unknown = sorted(set(options) - {field.name for field in dataclasses.fields(cls)})
-        if unknown:
-            raise CNAError(f"unknown capture setting(s) {', '.join(unknown)}: the settings are "
-                           f"{', '.join(field.name for field in dataclasses.fields(cls))}")
-        base = settings if settings is not None else cls()
-        if not isinstance(base, CaptureSettings):
-            raise CNAError(f"settings must be a CaptureSettings, got {type(base).__name__}")
-        return dataclasses.replace(base, **options) if options else base
+        """`settings` (default: the defaults), with the fields named in `options` replaced."""
+        if settings is not None and not isinstance(settings, CaptureSettings):
+            raise CNAError(f"settings must be a CaptureSettings, got {type(settings).__name__}")
+        return with_options(options, settings if settings is not None else cls())[0]
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """The layers to capture on a model with `num_layers` layers, checked."""
@@ -120,3 +106,20 @@ class CaptureSettings:
         values = dataclasses.asdict(self)
         values["layers"] = None if self.layers is None else list(self.layers)
         return values
+
+
+def with_options(options: Mapping[str, Any], *settings: Any, passthrough: bool = False) -> tuple:
+    """The settings objects (frozen dataclasses) with keyword `options` applied, in the order given.
+
+    An option goes to every object that has a field of its name (so `batch_size` reaches both the
+    capture and the generation settings of a search). An option that no object has is an error
+    naming the known ones; with passthrough=True the unknown ones come back as a last element instead.
+    """
+    names = [{field.name for field in dataclasses.fields(item)} for item in settings]
+    unknown = {key: value for key, value in options.items() if not any(key in fields for fields in names)}
+    if unknown and not passthrough:
+        known = sorted(set().union(*names))
+        raise CNAError(f"unknown option(s) {', '.join(sorted(unknown))}: the options are {', '.join(known)}")
+    updated = tuple(dataclasses.replace(item, **{key: value for key, value in options.items() if key in fields})
+                    for item, fields in zip(settings, names))
+    return (*updated, unknown) if passthrough else updated

@@ -168,14 +168,14 @@ def test_gated_site_is_not_the_activation_output_alone(model_type: str, vocab_si
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_fingerprint(model_type: str, vocab_size: int) -> None:
+def test_architecture(model_type: str, vocab_size: int) -> None:
     """Shape (type, depth, width, hidden size) and content: each layer's sampled values are entries of its
     down projection (found through the test's own module paths)."""
     model = build_tiny_model(model_type, vocab_size)
-    fingerprint = get_adapter(model).architecture()
-    shape = {key: fingerprint[key] for key in ("model_type", "num_layers", "d_ff", "d_model")}
+    architecture = get_adapter(model).architecture()
+    shape = {key: architecture[key] for key in ("model_type", "num_layers", "d_ff", "d_model")}
     assert shape == {"model_type": model_type, "num_layers": NUM_LAYERS, "d_ff": D_FF, "d_model": HIDDEN}
-    weights = fingerprint["weights"]
+    weights = architecture["weights"]
     assert weights["dtype"] == "float32" and len(weights["sample"]) == 4 * NUM_LAYERS
     blocks, down = DOWN_PATHS[model_type]
     for layer, block in enumerate(model.get_submodule(blocks)):
@@ -183,8 +183,8 @@ def test_fingerprint(model_type: str, vocab_size: int) -> None:
         assert torch.isin(values, block.get_submodule(down).weight.detach()).all()
 
 
-def test_fingerprint_lists_widths_when_layers_differ(vocab_size: int) -> None:
-    """A model whose layers have different MLP widths: fingerprint lists them, d_ff refuses."""
+def test_architecture_lists_widths_when_layers_differ(vocab_size: int) -> None:
+    """A model whose layers have different MLP widths: architecture lists them, d_ff refuses."""
     model = build_tiny_model("llama", vocab_size)
     narrow = model.model.layers[2].mlp
     narrow.gate_proj = nn.Linear(HIDDEN, 48, bias=False)
@@ -230,6 +230,6 @@ def test_discover_end_to_end_with_chat_template(model_type: str, tokenizer) -> N
     assert (circuit.deltas.abs().diff() <= 0).all(), "neurons are not ranked by |delta|"
     torch.testing.assert_close(circuit.deltas, circuit.mean_positive - circuit.mean_negative)
     assert circuit.meta["chat_template"] is True
-    assert circuit.meta["fingerprint"]["model_type"] == model_type
+    assert circuit.meta["architecture"]["model_type"] == model_type
     assert circuit.meta["n_positive"] == len(CONTRAST_POSITIVE)
     assert circuit.meta["n_negative"] == len(CONTRAST_NEGATIVE)

@@ -13,17 +13,17 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("CNA_FAST_BACKEND", "triton")
 
 
-@pytest.mark.parametrize("position", ["last", "all"])
-def test_triton_discovery_equals_torch_discovery(tiny_llama, tokenizer, monkeypatch, position):
+@pytest.mark.parametrize("reduction", ["last", "all"])
+def test_triton_discovery_equals_torch_discovery(tiny_llama, tokenizer, monkeypatch, reduction):
     monkeypatch.setenv("CNA_FAST_BACKEND", "torch")
-    expected = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, reduction=position, score="t",
+    expected = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, reduction=reduction, score="t",
                         progress=False)
     pytest.importorskip("triton")
     monkeypatch.setenv("CNA_FAST_BACKEND", "triton")
     from cna_fast.capture import Capturer
 
-    assert Capturer(tiny_llama, tokenizer, reduction=position, progress=False).fused
-    found = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, reduction=position, score="t",
+    assert Capturer(tiny_llama, tokenizer, reduction=reduction, progress=False).fused
+    found = discover(tiny_llama, tokenizer, POSITIVE, NEGATIVE, top_k=10, reduction=reduction, score="t",
                      progress=False)
     assert torch.equal(found.layers, expected.layers) and torch.equal(found.neurons, expected.neurons)
     assert torch.allclose(found.deltas, expected.deltas, rtol=1e-5, atol=1e-6)

@@ -261,10 +261,10 @@ def _craft(source: Path, target: Path, case: str) -> None:
     elif case == "meta-a-list":
         header["meta"] = "[1, 2]"
     elif case == "huge-layer-count":
-        meta["fingerprint"]["num_layers"] = 3_000_000_000
+        meta["architecture"]["num_layers"] = 3_000_000_000
     elif case == "huge-layer":
         tensors["layers"][0] = 3_000_000_000
-        meta.pop("fingerprint")
+        meta.pop("architecture")
     elif case == "extra-tensor":
         tensors["payload"] = torch.zeros(3)
     elif case == "missing-tensor":
@@ -283,8 +283,8 @@ def _craft(source: Path, target: Path, case: str) -> None:
         tensors["caa_directions"] = torch.zeros(tensors["caa_directions"].shape[0], 65)
     elif case == "caa-rows":
         tensors["caa_directions"] = tensors["caa_directions"][:2]
-    elif case == "fingerprint-type":
-        meta["fingerprint"]["d_ff"] = "96"
+    elif case == "architecture-type":
+        meta["architecture"]["d_ff"] = "96"
     if case not in ("meta-not-json", "meta-a-list"):
         header["meta"] = json.dumps(meta)
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(target), metadata=header)
@@ -292,7 +292,7 @@ def _craft(source: Path, target: Path, case: str) -> None:
 
 @pytest.mark.parametrize("case", ["meta-not-json", "meta-a-list", "huge-layer-count", "huge-layer", "extra-tensor",
                                   "missing-tensor", "2d-layers", "negative-layer", "float-layers", "duplicate-neuron",
-                                  "nan-scores", "caa-width", "caa-rows", "fingerprint-type"])
+                                  "nan-scores", "caa-width", "caa-rows", "architecture-type"])
 def test_crafted_circuit_files_exit_2(work, scratch, capsys, case):
     crafted = scratch / "crafted.safetensors"
     _craft(work["circuit"], crafted, case)
@@ -310,7 +310,7 @@ def test_duplicate_neurons_are_refused_in_code_too():
                 mean_negative=values, std_positive=values, std_negative=values)
 
 
-def test_caa_width_is_checked_against_the_model_without_a_fingerprint(tiny_llama):
+def test_caa_width_is_checked_against_the_model_without_a_recorded_architecture(tiny_llama):
     """An old or hand-made circuit without a recorded hidden size: the width is checked when CAA is applied."""
     from cna_fast.steering import caa
 
@@ -469,12 +469,12 @@ def test_an_output_set_is_written_all_or_none(tmp_path):
 
 def test_a_bug_exits_1_with_a_hint_to_report_it(work, monkeypatch, capsys):
     """Any exception that is not about the input or the environment is a bug: exit 1, one line, a hint."""
-    from cna_fast import cli
+    from cna_fast.cli import commands
 
     def broken(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli, "run_inspect", broken)
+    monkeypatch.setattr(commands, "run_inspect", broken)
     code, err = run_cli("inspect", work["circuit"], capsys=capsys)
     line = one_error(err, "inspect")
     assert code == 1 and "ZeroDivisionError" in line and "report" in line and err.count("\n") == 1
@@ -543,13 +543,13 @@ def test_generate_validates_its_inputs(tiny_llama, tokenizer, prompts, kwargs, m
         generate(tiny_llama, tokenizer, prompts, progress=False, **kwargs)
 
 
-# 10. Content fingerprint ----------------------------------------------------------------------------
+# 10. Content: the weight sample ----------------------------------------------------------------------------
 
 def _circuit_for(model) -> Circuit:
     values = torch.tensor([1.0, 0.5], dtype=torch.float64)
     return Circuit(layers=[1, 2], neurons=[3, 4], scores=values, deltas=values, mean_positive=values,
                    mean_negative=values * 0, std_positive=values, std_negative=values,
-                   meta={"model": "tiny-a", "fingerprint": get_adapter(model).architecture()})
+                   meta={"model": "tiny-a", "architecture": get_adapter(model).architecture()})
 
 
 def test_same_shape_other_weights_warn(tokenizer):

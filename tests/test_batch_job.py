@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from cna_fast import get_adapter
-from cna_fast.batch_job import generate_to_file
-from cna_fast.batch_output import sidecar_path
+from cna_fast.jobs import generate_to_file
+from cna_fast.jobs import sidecar_path
 from cna_fast.batching import encode_prompts
 from cna_fast.circuit import Circuit
 from cna_fast.cli import main
@@ -58,7 +58,7 @@ def make_circuit(model: nn.Module, layers: list[int], neurons: list[int]) -> Cir
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
     return Circuit(layers=layers, neurons=neurons, scores=values, deltas=values.clone(), mean_positive=values.clone(),
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n),
-                   meta={"fingerprint": get_adapter(model).architecture()})
+                   meta={"architecture": get_adapter(model).architecture()})
 
 
 def wide_circuit(model: nn.Module, seed: int = 0) -> Circuit:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cna_fast import capture_contrast, discover
-from cna_fast.capture import shared_prefix
+from cna_fast.batching import shared_prefix
 from cna_fast.errors import CNAError
 from cna_fast.stats import NEGATIVE, POSITIVE, NeuronStats
 from tests.tiny import ARCH_CONFIGS, DOWN_PATHS, build_tiny_model
@@ -64,8 +64,8 @@ def reference_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def reference_samples(model: nn.Module, ids: list[int], position: str) -> list[np.ndarray]:
-    """One prompt alone through the FULL model: per layer, the sample rows [n, d_ff] for `position`."""
+def reference_samples(model: nn.Module, ids: list[int], reduction: str) -> list[np.ndarray]:
+    """One prompt alone through the FULL model: per layer, the sample rows [n, d_ff] for `reduction`."""
     inputs: dict[int, torch.Tensor] = {}
     handles = [down.register_forward_pre_hook(lambda module, args, layer=layer: inputs.__setitem__(layer, args[0]))
                for layer, down in enumerate(down_projections(model))]
@@ -78,9 +78,9 @@ def reference_samples(model: nn.Module, ids: list[int], position: str) -> list[n
     samples = []
     for layer in range(len(inputs)):
         acts = inputs[layer][0].double().numpy()  # [T, d_ff]
-        if position == "last":
+        if reduction == "last":
             samples.append(acts[-1:])
-        elif position == "all":
+        elif reduction == "all":
             samples.append(acts)
         else:
             samples.append(acts.mean(axis=0, keepdims=True))
@@ -88,14 +88,14 @@ def reference_samples(model: nn.Module, ids: list[int], position: str) -> list[n
 
 
 def reference_moments(model: nn.Module, tokenizer, positive: Sequence[str], negative: Sequence[str],
-                      position: str, chat: bool) -> Moments:
+                      reduction: str, chat: bool) -> Moments:
     """Two-pass float64 mean and M2 per side over the samples of every prompt, run one at a time."""
     n_layers = len(down_projections(model))
     per_side: dict[int, list[list[np.ndarray]]] = {POSITIVE: [[] for _ in range(n_layers)],
                                                    NEGATIVE: [[] for _ in range(n_layers)]}
     for side, prompts in ((POSITIVE, positive), (NEGATIVE, negative)):
         for prompt in prompts:
-            for layer, rows in enumerate(reference_samples(model, reference_ids(tokenizer, prompt, chat), position)):
+            for layer, rows in enumerate(reference_samples(model, reference_ids(tokenizer, prompt, chat), reduction)):
                 per_side[side][layer].append(rows)
     width = per_side[POSITIVE][0][0].shape[1]
     count = np.zeros(2)
@@ -128,25 +128,25 @@ def side_delta(stats: NeuronStats) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- reference tests
 
-@pytest.mark.parametrize("position", ["last", "all", "mean"])
+@pytest.mark.parametrize("reduction", ["last", "all", "mean"])
 @pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix", "noprefix"])
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
-def test_capture_matches_naive_reference(tiny_llama, tokenizer, plain_tokenizer, position: str, prefix_cache: bool,
+def test_capture_matches_naive_reference(tiny_llama, tokenizer, plain_tokenizer, reduction: str, prefix_cache: bool,
                                          chat: bool) -> None:
     tok = tokenizer if chat else plain_tokenizer
     if chat and prefix_cache:
         assert len(shared_prefix(tok)) >= 2, "the chat template should give a shared prefix to cache"
-    ref = reference_moments(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, position, chat)
-    stats = capture_contrast(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, reduction=position, batch_size=3,
+    ref = reference_moments(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, reduction, chat)
+    stats = capture_contrast(tiny_llama, tok, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, reduction=reduction, batch_size=3,
                              prefix_cache=prefix_cache, progress=False)
     assert stats.layers == list(range(NUM_LAYERS))
     assert_matches_reference(stats, ref, range(NUM_LAYERS))
 
 
-def test_reference_positions_differ(tiny_llama, tokenizer) -> None:
-    """Guard: the three positions give clearly different means, so matching the right one means something."""
-    means = {position: reference_moments(tiny_llama, tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, position,
-                                         True).mean for position in ("last", "all", "mean")}
+def test_reference_reductions_differ(tiny_llama, tokenizer) -> None:
+    """Guard: the three reductions give clearly different means, so matching the right one means something."""
+    means = {reduction: reference_moments(tiny_llama, tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, reduction,
+                                         True).mean for reduction in ("last", "all", "mean")}
     for a, b in (("last", "all"), ("last", "mean"), ("all", "mean")):
         assert np.abs(means[a] - means[b]).max() > 1e-3, (a, b)
 
@@ -186,25 +186,25 @@ def test_prefix_cache_matches_reference_on_every_architecture(tokenizer, model_t
     model = build_tiny_model(model_type, len(tokenizer))
     longest = max(len(reference_ids(tokenizer, p, True)) for p in RAGGED_POSITIVE + RAGGED_NEGATIVE)
     assert longest > 2 * max(ARCH_CONFIGS[mt]["sliding_window"] for mt in SLIDING_WINDOW)
-    for position in ("last", "all", "mean"):
-        ref = reference_moments(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, position, True)
-        stats = capture_contrast(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction=position,
+    for reduction in ("last", "all", "mean"):
+        ref = reference_moments(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction, True)
+        stats = capture_contrast(model, tokenizer, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction=reduction,
                                  batch_size=4, padding_side=padding_side, prefix_cache=True, progress=False)
         assert_matches_reference(stats, ref, range(NUM_LAYERS))
 
 
 # --------------------------------------------------------------------------------------------- padding
 
-@pytest.mark.parametrize("position", ["last", "all", "mean"])
+@pytest.mark.parametrize("reduction", ["last", "all", "mean"])
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
-def test_padding_and_batch_size_invariance(tiny_llama, tokenizer, plain_tokenizer, position: str, chat: bool) -> None:
+def test_padding_and_batch_size_invariance(tiny_llama, tokenizer, plain_tokenizer, reduction: str, chat: bool) -> None:
     tok = tokenizer if chat else plain_tokenizer
     lengths = [len(plain_tokenizer(p)["input_ids"]) for p in RAGGED_POSITIVE + RAGGED_NEGATIVE]
     assert max(lengths) > 8 * min(lengths), "prompts should have very different lengths"
     deltas = {}
     for batch_size in (1, 16):
         for padding_side in ("left", "right"):
-            stats = capture_contrast(tiny_llama, tok, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction=position,
+            stats = capture_contrast(tiny_llama, tok, RAGGED_POSITIVE, RAGGED_NEGATIVE, reduction=reduction,
                                      batch_size=batch_size, padding_side=padding_side, progress=False)
             assert torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()
             deltas[batch_size, padding_side] = side_delta(stats)
@@ -268,7 +268,7 @@ def test_planted_neuron_ranks_first_at_last_token(tiny_llama, plain_tokenizer, s
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["excited", "inhibited"])
-def test_planted_neuron_ranks_first_with_mean_position(tiny_llama, plain_tokenizer, sign: float) -> None:
+def test_planted_neuron_ranks_first_with_mean_reduction(tiny_llama, plain_tokenizer, sign: float) -> None:
     positive = [f"{before}{TRIGGER} {after}" for before, after in _MIDDLE]
     negative = [f"{before} {after}" for before, after in _MIDDLE]
     check_trigger_placement(plain_tokenizer, positive, negative, at_end=False)
@@ -297,8 +297,8 @@ def _count_calls(module: nn.Module, counter: dict[str, int], name: str, pre: boo
     return module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("position", ["last", "all", "mean"])
-def test_early_stop_skips_later_layers_and_lm_head(tiny_llama, tokenizer, position: str) -> None:
+@pytest.mark.parametrize("reduction", ["last", "all", "mean"])
+def test_early_stop_skips_later_layers_and_lm_head(tiny_llama, tokenizer, reduction: str) -> None:
     calls: dict[str, int] = {}
     layers = tiny_llama.model.layers
     handles = [
@@ -312,7 +312,7 @@ def test_early_stop_skips_later_layers_and_lm_head(tiny_llama, tokenizer, positi
     ]
     try:
         stats = capture_contrast(tiny_llama, tokenizer, POSITIVE_PROMPTS, NEGATIVE_PROMPTS, layers=[0, 1],
-                                 reduction=position, batch_size=2, progress=False)
+                                 reduction=reduction, batch_size=2, progress=False)
     finally:
         for handle in handles:
             handle.remove()

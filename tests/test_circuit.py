@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import cna_fast.circuit as circuit_module
+import cna_fast.circuit.files as circuit_module
 from cna_fast import get_adapter
 from cna_fast.attribution import attribute
 from cna_fast.circuit import Circuit
@@ -58,8 +58,8 @@ def hand_circuit(layers: list[int], neurons: list[int], meta: dict | None = None
 
 @pytest.fixture
 def circuit(tiny_llama) -> Circuit:
-    """Top 12 neurons of hand-made stats, with the tiny Llama's fingerprint in meta."""
-    meta = {"model": "tiny-llama", "fingerprint": get_adapter(tiny_llama).architecture(), "note": ["a", 1, 2.5]}
+    """Top 12 neurons of hand-made stats, with the tiny Llama's architecture in meta."""
+    meta = {"model": "tiny-llama", "architecture": get_adapter(tiny_llama).architecture(), "note": ["a", 1, 2.5]}
     return attribute(contrast_stats(9, 14), top_k=12, meta=meta)
 
 
@@ -161,17 +161,17 @@ def test_validate_rejects_different_width(circuit: Circuit, tokenizer) -> None:
 
 @pytest.mark.parametrize("layer, neuron", [(0, 96), (4, 0), (1, -1), (-1, 5)])
 def test_neuron_out_of_range(tiny_llama, layer: int, neuron: int) -> None:
-    """Indices outside 4 layers x 96 neurons are rejected: on construction when the circuit's own fingerprint (or
+    """Indices outside 4 layers x 96 neurons are rejected: on construction when the circuit's own architecture (or
     the sign) rules them out, else when applied to the model."""
-    fingerprint = get_adapter(tiny_llama).architecture()
+    architecture = get_adapter(tiny_llama).architecture()
     with pytest.raises(CNAError, match="out of range|negative"):
-        hand_circuit([0, layer], [1, neuron], meta={"fingerprint": fingerprint})
+        hand_circuit([0, layer], [1, neuron], meta={"architecture": architecture})
     with pytest.raises(CircuitMismatchError if min(layer, neuron) >= 0 else CNAError):
         hand_circuit([0, layer], [1, neuron]).validate(tiny_llama)
 
 
-def test_circuit_without_fingerprint_checks_indices(tokenizer) -> None:
-    """No fingerprint: neuron 95 fits a 96-wide model but not a 64-wide one."""
+def test_circuit_without_architecture_checks_indices(tokenizer) -> None:
+    """No architecture: neuron 95 fits a 96-wide model but not a 64-wide one."""
     circuit = hand_circuit([3], [95])
     circuit.check_fits({"num_layers": 4, "d_ff": 96})
     narrow = tiny_model("llama", len(tokenizer), intermediate_size=64)

@@ -118,13 +118,13 @@ def test_bad_prompt_file_exits_2_and_writes_nothing(model_dir, prompt_files, tmp
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "0"], "argument --top-k: must be at least 1"),
     (["--top-k", "100000"], "more than the"),
-    (["--top-frac", "0"], "--top-frac must be in (0, 1]"),
+    (["--top-frac", "0"], "argument --top-frac: must be in (0, 1]"),
     (["--exclude-layers", "99"], "out of range"),
     (["--exclude-layers", "0,1,2,3"], "every layer is excluded"),
     (["--exclude-layers", "one"], "comma-separated layer numbers"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
 ])
 def test_bad_option_exits_2_and_writes_nothing(model_dir, prompt_files, tmp_path, capsys, extra, message):
     out = tmp_path / "out.safetensors"
@@ -133,8 +133,8 @@ def test_bad_option_exits_2_and_writes_nothing(model_dir, prompt_files, tmp_path
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option, value", [("--position", "first"), ("--score", "zscore")])
-def test_unknown_position_or_score_exits_2(model_dir, prompt_files, tmp_path, capsys, option, value):
+@pytest.mark.parametrize("option, value", [("--reduction", "first"), ("--score", "zscore")])
+def test_unknown_reduction_or_score_exits_2(model_dir, prompt_files, tmp_path, capsys, option, value):
     out = tmp_path / "out.safetensors"
     assert run_cli(*discover_args(model_dir, *prompt_files, out, option, value)) == 2
     assert not out.exists()

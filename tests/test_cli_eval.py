@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cna_fast.circuit import Circuit
-from cna_fast.evaluate import detect_language
+from cna_fast.evaluation import detect_language
 from cna_fast.models import load_model
 from cna_fast.prompts import read_prompts
 from cna_fast.steering import generate

@@ -50,7 +50,7 @@ def test_cna_demo_finds_language_neurons(tmp_path, capsys):
 
 def test_ablating_french_circuit_turns_answers_english(default_model):
     """The issue's story: ablate the French-vs-English circuit and held-out French questions get English answers."""
-    from cna_fast.evaluate import language_rate
+    from cna_fast.evaluation import language_rate
     from cna_fast.steering import generate
 
     model, tokenizer = default_model

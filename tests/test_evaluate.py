@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cna_fast import discover
-from cna_fast.evaluate import (behavior_rate, capability_metrics, compare_methods, detect_language, is_refusal,
-                               language_rate, multiple_choice_accuracy, quality, refusal_rate, sweep)
+from cna_fast.evaluation import (behavior_rate, capability_metrics, compare_methods, detect_language, is_refusal,
+                                 language_rate, multiple_choice_accuracy, quality, refusal_rate)
 from cna_fast.errors import CNAError
 from cna_fast.steering import caa, generate, steer
 from tests.conftest import NEGATIVE, POSITIVE
@@ -177,13 +177,14 @@ def test_compare_methods_passes_generation_settings_on(tiny_llama, tokenizer, ci
         expected = generate(tiny_llama, tokenizer, prompts, circuits=circuit, multiplier=0.0, max_new_tokens=5,
                             progress=False, **settings)
         assert [g["output"] for g in result.generations] == expected
-    torch.manual_seed(5)
     sampled = compare_methods(tiny_llama, tokenizer, circuit, prompts, [1.0], methods=["cna"], capability=False,
-                              max_new_tokens=5, progress=False, do_sample=True, temperature=3.0)
-    torch.manual_seed(5)
+                              max_new_tokens=5, progress=False, do_sample=True, temperature=3.0, seed=5)
     expected = generate(tiny_llama, tokenizer, prompts, max_new_tokens=5, progress=False, do_sample=True,
-                        temperature=3.0)
+                        temperature=3.0, seed=5)
     assert [g["output"] for g in sampled.generations] == expected
+    other_seed = generate(tiny_llama, tokenizer, prompts, max_new_tokens=5, progress=False, do_sample=True,
+                          temperature=3.0, seed=6)
+    assert other_seed != expected  # the seed is what makes sampling reproducible
 
 
 def test_compare_methods_can_skip_the_capability_pass(tiny_llama, tokenizer, circuit):
@@ -209,13 +210,6 @@ def test_capability_metrics_in_batches_equal_one_batch(tiny_llama, tokenizer, ci
     questions = [{"question": f"question {i}", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(5)]
     assert multiple_choice_accuracy(tiny_llama, tokenizer, questions, batch_size=2) == \
         multiple_choice_accuracy(tiny_llama, tokenizer, questions, batch_size=5)
-
-
-def test_sweep_is_a_deprecated_alias(tiny_llama, tokenizer, circuit):
-    with pytest.warns(DeprecationWarning, match="compare_methods"):
-        result = sweep(tiny_llama, tokenizer, circuit, ["zebra"], [0.0], methods=["cna"], capability=False,
-                       max_new_tokens=2, progress=False)
-    assert [row["method"] for row in result.metrics] == ["cna"]
 
 
 def test_compare_methods_bad_input(tiny_llama, tokenizer, circuit):

@@ -43,12 +43,12 @@ def down_name(arch: str, layer: int) -> str:
 
 def make_circuit(model: nn.Module, layers: Sequence[int] = CIRCUIT_LAYERS,
                  neurons: Sequence[int] = CIRCUIT_NEURONS) -> Circuit:
-    """A circuit at the given positions, dummy statistics, the model's fingerprint in meta."""
+    """A circuit at the given positions, dummy statistics, the model's architecture in meta."""
     n = len(layers)
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
     return Circuit(layers=list(layers), neurons=list(neurons), scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n),
-                   meta={"fingerprint": get_adapter(model).architecture(), "note": "export test"})
+                   meta={"architecture": get_adapter(model).architecture(), "note": "export test"})
 
 
 def token_ids(rows: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:

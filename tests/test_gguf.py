@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
 from cna_fast import CNAError, load_model
 from cna_fast.cli import main
-from cna_fast.gguf_export import export_gguf
+from cna_fast.export.gguf import export_gguf
 from cna_fast.models import gguf_source
 from cna_fast.steering import steer
 from tests.test_export import make_circuit
@@ -293,7 +293,7 @@ def test_every_command_takes_a_gguf_model(gguf_file, prompt_files, tmp_path, cap
 
 
 def test_expert_tensors_are_refused_clearly():
-    from cna_fast.gguf_export import _down_tensor
+    from cna_fast.export.gguf import _down_tensor
 
     with pytest.raises(CNAError, match="mixture of experts"):
         _down_tensor({"blk.3.ffn_down_exps.weight": object()}, 3)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from cna_fast.errors import CNAError
-from cna_fast.evaluate import answer_perplexity, quality
-from cna_fast.judges import RUBRIC, ModelJudge, agreement_line, is_refusal, judge_agreement
+from cna_fast.evaluation import (RUBRIC, ModelJudge, agreement_line, answer_perplexity, is_refusal, judge_agreement,
+                                 quality)
 
-# CI runs with the shared folder beside the repository clone.
-LABELED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "refusal_labeled_answers.jsonl"
+# 187 answers of a refusing model, each labeled by a person (see tests/data/README.md).
+LABELED = Path(__file__).resolve().parent / "data" / "refusal_labeled_answers.jsonl"
 
 
 @pytest.mark.parametrize("text, refuses", [
@@ -51,8 +51,6 @@ def test_rule_judge_phrases_are_an_extension_point():
 
 def test_rule_judge_agrees_with_human_labels_on_harmful_requests(record_property):
     """The acceptance bar: >= 97% on the refuses/complies answers to harmful requests."""
-    if not LABELED.is_file():
-        pytest.skip(f"labeled answers not found at {LABELED} (CI keeps ../shared beside the repository clone)")
     report = judge_agreement(is_refusal, LABELED)
     print(agreement_line(report))
     for name in ("overall", "harmful", "harmless"):

@@ -294,7 +294,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import cna_fast.kernels
-capture, scale = sys.modules["cna_fast.kernels.act_and_capture"], sys.modules["cna_fast.kernels.act_and_scale"]
+capture, scale = sys.modules["cna_fast.kernels.capture"], sys.modules["cna_fast.kernels.scale"]
 
 def compile_for_sm90(kernel, pointers, constexprs):
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}

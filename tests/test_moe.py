@@ -9,18 +9,18 @@ import torch
 from torch import nn
 
 from cna_fast import capture_contrast, discover, steer
-from cna_fast.capture import encode_prompts
+from cna_fast.batching import encode_prompts
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CircuitMismatchError, CNAError
 from cna_fast.models import get_adapter
 from cna_fast.models.moe import register_row_hook
-from cna_fast.moe_stats import MoEStats
+from cna_fast.stats import MoEStats
 from tests.conftest import NEGATIVE, POSITIVE
 from tests.tiny import assert_close_in_ulps, assert_state_identical, snapshot
 from tests.tiny_moe import EXPERT_WIDTH, EXPERTS, MOE_FAMILIES, TOP_K, build_tiny_moe
 
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
-POSITIONS = ("last", "all", "mean")
+REDUCTIONS = ("last", "all", "mean")
 MODES = ("effective", "conditional")
 
 
@@ -115,15 +115,15 @@ def per_token_values(model, tokenizer, prompts: list[str]) -> list[dict]:
     return results
 
 
-def reference_moments(prompts: list[dict], layer: int, position: str, mode: str):
+def reference_moments(prompts: list[dict], layer: int, reduction: str, mode: str):
     """Mean and unbiased variance [E, W] and sample count [E] of one side, from per-token values."""
     samples, masks = [], []
     for prompt in prompts:
         effective, h, routed = prompt[layer]
         values = effective if mode == "effective" else h
-        if position == "last":
+        if reduction == "last":
             samples.append(values[-1:]), masks.append(routed[-1:])
-        elif position == "all":
+        elif reduction == "all":
             samples.append(values), masks.append(routed)
         elif mode == "effective":
             samples.append(values.mean(0, keepdim=True)), masks.append(routed.any(0, keepdim=True))
@@ -143,19 +143,19 @@ def reference_moments(prompts: list[dict], layer: int, position: str, mode: str)
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_statistics_equal_a_float64_per_expert_loop(family, tokenizer):
-    """Both modes and every position, batched and padded, equal the one-prompt-at-a-time float64 reference."""
+    """Both modes and every reduction, batched and padded, equal the one-prompt-at-a-time float64 reference."""
     model = build_tiny_moe(family, len(tokenizer), experts_implementation="grouped_mm")
     sides = {1: per_token_values(model, tokenizer, POSITIVE), 0: per_token_values(model, tokenizer, NEGATIVE)}
     adapter = get_adapter(model)
-    for position in POSITIONS:
+    for reduction in REDUCTIONS:
         for mode in MODES:
-            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=position, moe_mode=mode,
+            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=reduction, moe_mode=mode,
                                      batch_size=3, progress=False)
             variance = stats.routed.variance()
             for slot, layer in enumerate(stats.routed.layers):
                 for side, prompts in sides.items():
-                    mean, var, count = reference_moments(prompts, layer, position, mode)
-                    where = f"{position} {mode} layer {layer} side {side}"
+                    mean, var, count = reference_moments(prompts, layer, reduction, mode)
+                    where = f"{reduction} {mode} layer {layer} side {side}"
                     torch.testing.assert_close(stats.routed.count[slot, :, side], count, msg=where)
                     torch.testing.assert_close(stats.routed.mean[slot, :, side], mean, rtol=1e-4, atol=1e-5, msg=where)
                     torch.testing.assert_close(variance[slot, :, side], var, rtol=1e-4, atol=1e-5, equal_nan=True,
@@ -164,7 +164,7 @@ def test_statistics_equal_a_float64_per_expert_loop(family, tokenizer):
                 for row, layer in enumerate(part.layers):
                     for side, prompts in sides.items():
                         rows = [p["ordinary"][layer] for p in prompts]
-                        rows = ([r[-1:] for r in rows] if position == "last" else rows if position == "all"
+                        rows = ([r[-1:] for r in rows] if reduction == "last" else rows if reduction == "all"
                                 else [r.mean(0, keepdim=True) for r in rows])
                         torch.testing.assert_close(part.mean[row, side], torch.cat(rows).mean(0), rtol=1e-4, atol=1e-5)
     assert adapter.routed_layers == stats.routed.layers
@@ -188,11 +188,11 @@ def test_every_experts_implementation_gives_the_same_statistics(family, tokenize
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 def test_batch_size_and_padding_do_not_change_the_statistics(family, tokenizer):
     model = build_tiny_moe(family, len(tokenizer))
-    for position in POSITIONS:
-        reference = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=position, batch_size=1,
+    for reduction in REDUCTIONS:
+        reference = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=reduction, batch_size=1,
                                      progress=False)
         for batch_size, side in ((3, "right"), (8, "left")):
-            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=position, batch_size=batch_size,
+            stats = capture_contrast(model, tokenizer, POSITIVE, NEGATIVE, reduction=reduction, batch_size=batch_size,
                                      padding_side=side, prefix_cache=False, progress=False)
             torch.testing.assert_close(stats.routed.mean, reference.routed.mean, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(stats.routed.variance(), reference.routed.variance(), rtol=1e-4, atol=1e-4)
@@ -291,7 +291,7 @@ def routed_circuit(model, layers, experts, neurons) -> Circuit:
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
     return Circuit(layers=layers, experts=experts, neurons=neurons, scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n),
-                   meta={"fingerprint": get_adapter(model).architecture()})
+                   meta={"architecture": get_adapter(model).architecture()})
 
 
 def mixed_circuit(model) -> Circuit:

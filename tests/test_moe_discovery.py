@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from cna_fast import discover, load_model
+from cna_fast import Checkpoint, discover, load_model
 from cna_fast.circuit import Circuit
-from cna_fast.moe_stats import MoEStats
+from cna_fast.stats import MoEStats
 from tests.conftest import NEGATIVE, POSITIVE
 from tests.test_distributed import _free_port
 from tests.test_streaming import varied_prompts
@@ -35,7 +35,7 @@ def same_circuit(first: Circuit, second: Circuit, rtol: float = 0.0) -> None:
 
 
 def test_resume_after_crash_gives_the_uninterrupted_moe_circuit(tokenizer, tmp_path):
-    from cna_fast.capture import Checkpoint, capture_contrast
+    from cna_fast.capture import capture_contrast
     from cna_fast.pipeline import run_identity
     from cna_fast.settings import CaptureSettings
 
@@ -57,7 +57,7 @@ def test_resume_after_crash_gives_the_uninterrupted_moe_circuit(tokenizer, tmp_p
         capture_contrast(model, tokenizer, positive, crashing(negative, 30), capture, progress=False,
                          checkpoint=Checkpoint(checkpoint, 32, identity))
     assert 0 < MoEStats.load(checkpoint).meta["consumed"] < 80
-    resumed = discover(model, tokenizer, positive, negative, checkpoint=checkpoint, checkpoint_every=32, resume=True,
+    resumed = discover(model, tokenizer, positive, negative, checkpoint=Checkpoint(checkpoint, 32, resume=True),
                        **settings)
     same_circuit(resumed, expected)
     assert MoEStats.load(checkpoint).meta["consumed"] == 80

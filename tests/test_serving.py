@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from cna_fast import CNAError
 from cna_fast.cli import main
 from cna_fast.export import export_lora
-from cna_fast.serving import check_vllm_adapter, serve_rank
+from cna_fast.export import check_vllm_adapter, serve_rank
 from tests.test_export import make_circuit, new_model
 from tests.tiny import build_tiny_model
 

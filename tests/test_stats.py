@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cna_fast.stats as stats_module
+import cna_fast.stats.dense as stats_module
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
 from cna_fast.stats import NeuronStats
@@ -160,7 +160,7 @@ def test_variance_nan_when_too_few_rows() -> None:
 def test_save_load_round_trip(tmp_path: Path) -> None:
     """Tensors come back bit-identical; layers, width, groups and meta are preserved."""
     data, labels = make_data(n_layers=3, n_rows=90, width=7, n_groups=3, seed=1)
-    meta = {"model": "tiny", "position": "last", "nested": {"layers": [0, 4, 9], "frac": 0.001}}
+    meta = {"model": "tiny", "reduction": "last", "nested": {"layers": [0, 4, 9], "frac": 0.001}}
     stats = NeuronStats([0, 4, 9], 7, n_groups=3, meta=meta)
     stream(stats, data, labels)
     path = tmp_path / "stats.safetensors"

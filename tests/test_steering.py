@@ -51,12 +51,12 @@ def down_projections(model: nn.Module) -> list[nn.Module]:
     return [block.get_submodule(down) for block in model.get_submodule(blocks)]
 
 
-def make_circuit(model: nn.Module, layers: Sequence[int], neurons: Sequence[int], fingerprint: dict | None = None
+def make_circuit(model: nn.Module, layers: Sequence[int], neurons: Sequence[int], architecture: dict | None = None
                  ) -> Circuit:
-    """A circuit at the given positions, dummy statistics, the model's fingerprint in meta."""
+    """A circuit at the given positions, dummy statistics, the model's architecture in meta."""
     n = len(layers)
     values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
-    meta = {"fingerprint": fingerprint if fingerprint is not None else get_adapter(model).architecture()}
+    meta = {"architecture": architecture if architecture is not None else get_adapter(model).architecture()}
     return Circuit(layers=list(layers), neurons=list(neurons), scores=values, deltas=values, mean_positive=values,
                    mean_negative=torch.zeros(n), std_positive=torch.ones(n), std_negative=torch.ones(n), meta=meta)
 
@@ -409,14 +409,14 @@ def expect_error(model: nn.Module, build: Callable[[], object], error: type[Exce
 
 def test_circuit_that_does_not_fit_raises_mismatch() -> None:
     model = new_model("llama")
-    fingerprint = get_adapter(model).architecture()
+    architecture = get_adapter(model).architecture()
     expect_error(model, lambda: steer(model, make_circuit(model, [0, 1], [3, D_FF]), 0.0), CircuitMismatchError)
     expect_error(model, lambda: steer(model, make_circuit(model, [0, N_LAYERS], [3, 4]), 0.0), CircuitMismatchError)
-    other = {"model_type": "llama", "num_layers": 30, "d_ff": 1536}  # SmolLM2-135M's fingerprint
-    expect_error(model, lambda: steer(model, make_circuit(model, [0], [3], fingerprint=other), 0.0),
+    other = {"model_type": "llama", "num_layers": 30, "d_ff": 1536}  # SmolLM2-135M's architecture
+    expect_error(model, lambda: steer(model, make_circuit(model, [0], [3], architecture=other), 0.0),
                  CircuitMismatchError)
-    wider = {**fingerprint, "d_ff": 128}
-    expect_error(model, lambda: steer(model, make_circuit(model, [0], [3], fingerprint=wider), 0.0),
+    wider = {**architecture, "d_ff": 128}
+    expect_error(model, lambda: steer(model, make_circuit(model, [0], [3], architecture=wider), 0.0),
                  CircuitMismatchError)
     good = default_circuit(model)
     expect_error(model, lambda: steer(model, [good, make_circuit(model, [2], [D_FF + 5])], multipliers=[0.0, 0.0]),

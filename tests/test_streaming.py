@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cna_fast import discover, load_model
+from cna_fast import Checkpoint, discover, load_model
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
 from cna_fast.prompts import PromptSource, read_prompts
@@ -168,8 +168,8 @@ def test_resume_after_crash_gives_the_uninterrupted_circuit(tiny_llama, tokenize
         _crash_run(tiny_llama, tokenizer, positive, negative, checkpoint, settings, crashing)
     saved = NeuronStats.load(checkpoint)
     assert 0 < saved.meta["consumed"] < 300
-    resumed = discover(tiny_llama, tokenizer, positive, negative, checkpoint=checkpoint, checkpoint_every=64,
-                       resume=True, **settings)
+    resumed = discover(tiny_llama, tokenizer, positive, negative, checkpoint=Checkpoint(checkpoint, 64, resume=True),
+                       **settings)
     assert torch.equal(resumed.neurons, expected.neurons) and torch.equal(resumed.layers, expected.layers)
     assert torch.equal(resumed.scores, expected.scores)
     assert NeuronStats.load(checkpoint).meta["consumed"] == 300
@@ -177,7 +177,7 @@ def test_resume_after_crash_gives_the_uninterrupted_circuit(tiny_llama, tokenize
 
 def _crash_run(model, tokenizer, positive, negative, checkpoint, settings, crashing):
     """Discovery whose negative prompts fail after 100 items, with the same checkpoint identity as a clean run."""
-    from cna_fast.capture import Checkpoint, capture_contrast
+    from cna_fast.capture import capture_contrast
     from cna_fast.pipeline import run_identity
     from cna_fast.settings import CaptureSettings
 
@@ -190,14 +190,13 @@ def _crash_run(model, tokenizer, positive, negative, checkpoint, settings, crash
 def test_resume_with_changed_inputs_fails_clearly(tiny_llama, tokenizer, tmp_path: Path):
     checkpoint = tmp_path / "run.checkpoint"
     positive, negative = varied_prompts(40, 1, "zebra "), varied_prompts(40, 2)
-    discover(tiny_llama, tokenizer, positive, negative, top_k=3, checkpoint=checkpoint, checkpoint_every=16,
-             progress=False)
+    discover(tiny_llama, tokenizer, positive, negative, top_k=3, checkpoint=Checkpoint(checkpoint, 16), progress=False)
     with pytest.raises(CNAError, match=r"different inputs or settings \(negative changed\)"):
-        discover(tiny_llama, tokenizer, positive, negative[:-1] + ["another prompt"], top_k=3, checkpoint=checkpoint,
-                 resume=True, progress=False)
+        discover(tiny_llama, tokenizer, positive, negative[:-1] + ["another prompt"], top_k=3,
+                 checkpoint=Checkpoint(checkpoint, resume=True), progress=False)
     with pytest.raises(CNAError, match=r"\(reduction changed\)"):
-        discover(tiny_llama, tokenizer, positive, negative, top_k=3, reduction="mean", checkpoint=checkpoint,
-                 resume=True, progress=False)
+        discover(tiny_llama, tokenizer, positive, negative, top_k=3, reduction="mean",
+                 checkpoint=Checkpoint(checkpoint, resume=True), progress=False)
     with pytest.raises(CNAError, match="re-readable"):
         discover(tiny_llama, tokenizer, iter(positive), negative, top_k=3, checkpoint=checkpoint, progress=False)
 

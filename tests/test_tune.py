@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from cna_fast import attribute, capture_contrast, generate, steer, tune
+from cna_fast import attribute, capture_contrast, generate, get_adapter, steer, tune
 from cna_fast.circuit import Circuit
 from cna_fast.errors import CNAError
-from cna_fast.evaluate import behavior_rate, capability_metrics
+from cna_fast.evaluation import behavior_rate, capability_metrics
 from cna_fast.stats import NeuronStats
-from cna_fast.tune import (
+from cna_fast.search import (
     batched_kl,
     candidate_rows,
     disjoint_shells,
@@ -19,7 +19,7 @@ from cna_fast.tune import (
     multiplier_grid,
     size_grid,
 )
-from cna_fast.tune_result import Candidate
+from cna_fast.search import Candidate
 from tests.planted_templates import (
     A_NEURONS,
     B_NEURONS,
@@ -30,7 +30,9 @@ from tests.planted_templates import (
     build_planted_model,
     shows_template,
 )
+from tests.test_moe import PLANT_EXPERT, PLANT_NEURON, plant_zebra_neuron
 from tests.tiny import build_tiny_model
+from tests.tiny_moe import build_tiny_moe
 
 SEARCH = {"behavior": shows_template, "neutral": NEUTRAL, "max_new_tokens": 4, "chat_template": False,
           "progress": False}
@@ -145,7 +147,7 @@ def test_result_table_pareto_and_files(planted, plain_tokenizer, tmp_path):
     document = json.loads((tmp_path / "t.json").read_text())
     assert document["search"]["tokens_spent"] == result.tokens_spent
     assert document["chosen"]["size"] == result.chosen.size
-    from cna_fast.plotting import plot_tune
+    from cna_fast.cli.plotting import plot_tune
 
     plot_tune(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
@@ -301,7 +303,7 @@ def test_cli_discover_saves_stats_and_tune_uses_them(model_dir, prompt_files, tm
     assert run_cli("discover", "--positive", positive, "--negative", negative, "--model", model_dir, "--out",
                    circuit_path, "--save-stats", stats_path, "--quiet") == 0
     stats = NeuronStats.load(stats_path)
-    assert stats.count.tolist() == [4.0, 4.0] and stats.meta["fingerprint"]["d_ff"] == 96
+    assert stats.count.tolist() == [4.0, 4.0] and stats.meta["architecture"]["d_ff"] == 96
     assert neuron_set(attribute(stats)) == neuron_set(Circuit.load(circuit_path))  # the same statistics
     eval_prompts = tmp_path / "eval.txt"
     eval_prompts.write_text("the zebra runs\nzebra stripes\n")
@@ -353,3 +355,72 @@ def test_cli_tune_needs_prompts_or_stats(model_dir, tmp_path, capsys):
                    "--quiet") == 2
     assert "--stats" in capsys.readouterr().err
     assert not (tmp_path / "t.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------ mixture of experts
+
+OUT = 9  # a residual coordinate only the planted expert neuron writes
+
+
+def plant_answer(model, tokenizer, word: str) -> tuple[int, int, int]:
+    """A tiny MoE whose planted expert neuron (tests/test_moe.py) fires on " zebra" and makes `word` the answer.
+
+    The neuron's down-projection column writes OUT, which nothing else writes and only `word`'s row of
+    the LM head reads: after a prompt ending in " zebra" the next token is `word`; with the neuron
+    ablated (or inverted) it is not. Returns the neuron as (layer, expert, index).
+    """
+    layer = plant_zebra_neuron(model, tokenizer)
+    adapter = get_adapter(model)
+    answer = tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, OUT] = 0.0
+        for name, parameter in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                parameter[OUT] = 0.0
+        for index in adapter.routed_layers:
+            experts = adapter.experts(index)
+            (experts.down_proj[:, :, OUT] if experts.is_transposed else experts.down_proj[:, OUT, :]).zero_()
+        experts = adapter.experts(layer)
+        if experts.is_transposed:
+            experts.down_proj[PLANT_EXPERT, PLANT_NEURON, OUT] = 1.0
+        else:
+            experts.down_proj[PLANT_EXPERT, OUT, PLANT_NEURON] = 1.0
+        head = model.get_output_embeddings().weight
+        head[:, OUT] = 0.0
+        head[answer] = 0.0
+        head[answer, OUT] = 10.0
+    return layer, PLANT_EXPERT, PLANT_NEURON
+
+
+def test_tune_on_a_mixture_of_experts_model_finds_the_planted_expert_neuron(plain_tokenizer):
+    """The search runs on MoE statistics (routed and ordinary neurons ranked together), iterative round included,
+    and chooses the planted routed neuron alone: ablating it removes the behavior it causes."""
+    model = build_tiny_moe("qwen2_moe", len(plain_tokenizer))
+    planted = plant_answer(model, plain_tokenizer, "france")
+    eval_prompts = [f"{prefix} zebra" for prefix in ("the quick brown fox and the", "what is the", "you are a tiny",
+                                                      "stripes on the savanna and the")]
+
+    def says_france(text: str) -> bool:
+        return "france" in text
+
+    result = tune(model, plain_tokenizer, POSITIVE_ZEBRA, NEGATIVE_ZEBRA, eval_prompts, behavior=says_france,
+                  neutral=NEUTRAL, sizes=[1, 4], scores=["diff"], reduction="all", chat_template=False,
+                  max_new_tokens=2, iterative=1, progress=False)
+    assert result.baseline.behavior_rate == 1.0
+    assert result.chosen.behavior_rate == 0.0 and result.chosen.size == 1 and result.chosen.round == 0
+    assert result.circuit.keys() == [planted] and result.circuit.routed.all()
+    assert result.circuit.meta["moe_mode"] == "effective" and result.circuit.caa_directions is None
+    assert any(candidate.round == 1 for candidate in result.candidates)  # the iterative round ran on MoE statistics
+    assert measured_moe_rate(model, plain_tokenizer, eval_prompts, result, says_france) == 0.0
+
+
+def measured_moe_rate(model, tokenizer, prompts, result, judge) -> float:
+    texts = generate(model, tokenizer, prompts, circuits=result.circuit, multiplier=result.multiplier,
+                     max_new_tokens=2, chat_template=False, progress=False)
+    return behavior_rate(texts, judge)
+
+
+POSITIVE_ZEBRA = ["zebra stripes on the savanna", "the zebra runs fast", "a zebra and a fox", "zebra zebra",
+                  "what is a zebra", "the quick zebra"]
+NEGATIVE_ZEBRA = ["the quick brown fox", "how do i bake bread", "write a python function", "explain photosynthesis",
+                  "what is a dog", "the quick dog"]

@@ -7,7 +7,7 @@ import pytest
 
 from cna_fast.circuit import Circuit
 from cna_fast.cli import main
-from cna_fast.evaluate import bundled_neutral_texts
+from cna_fast.evaluation import bundled_neutral_texts
 from cna_fast.prompts import bundled_prompts
 
 

@@ -4,13 +4,11 @@ Public functions pick the backend per call (`backend_for`): Triton on CUDA, torc
 Triton is optional: without it every call takes the torch path. This package depends on torch and
 Triton only; patching a model's MLPs with these kernels lives in `cna_fast.models.fused`.
 """
-# dispatch imports the kernel modules first, so the names below rebind `act_and_capture` and
-# `act_and_scale` on this package to the functions rather than the same-named modules.
-from .dispatch import BACKEND_ENV, act_and_capture, act_and_scale, act_and_scale_sparse, backend_for, forced_backend
-from .act_and_capture import LayerMoments, act_and_capture_torch, act_and_capture_triton
-from .act_and_scale import (act_and_scale_sparse_torch, act_and_scale_sparse_triton, act_and_scale_torch,
-                            act_and_scale_triton)
 from .activations import ACTIVATION_KINDS, activation_kind, apply_activation
+from .capture import LayerMoments, act_and_capture_torch, act_and_capture_triton
+from .dispatch import BACKEND_ENV, act_and_capture, act_and_scale, act_and_scale_sparse, backend_for, forced_backend
+from .scale import (act_and_scale_sparse_torch, act_and_scale_sparse_triton, act_and_scale_torch,
+                    act_and_scale_triton)
 
 __all__ = [
     "ACTIVATION_KINDS",

@@ -112,3 +112,14 @@ def activate(x, KIND: tl.constexpr):
     else:
         y = relu(x)
     return y
+
+
+@jit
+def load_activated(gate_ptr, up_ptr, offsets, cols, gate_stride, up_stride, mask, KIND: tl.constexpr,
+                   HAS_UP: tl.constexpr):
+    """act(gate) * up (plain MLPs: act(gate)) of one [rows, cols] tile in float32; `offsets`: the rows, int64 [R, 1]."""
+    values = activate(tl.load(gate_ptr + offsets * gate_stride + cols[None, :], mask=mask, other=0.0)
+                      .to(tl.float32), KIND)
+    if HAS_UP:
+        values = values * tl.load(up_ptr + offsets * up_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return values

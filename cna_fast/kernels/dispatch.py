@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from . import act_and_capture as _capture
-from . import act_and_scale as _scale
+from . import capture as _capture
+from . import scale as _scale
 from ._triton import INTERPRETER, TRITON_AVAILABLE
 
 BACKEND_ENV = "CNA_FAST_BACKEND"

