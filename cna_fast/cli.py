@@ -168,11 +168,13 @@ def _add_export_parser(commands) -> None:
     export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, help="default: the multiplier the circuit records (cna tune)")
-    export.add_argument("--format", choices=("folded", "lora", "gguf"), required=True,
-                        help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), or GGUF (llama.cpp, "
-                             "Ollama; the model must be loaded from a .gguf file)")
+    export.add_argument("--format", choices=("folded", "lora", "gguf", "gguf-lora"), required=True,
+                        help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), GGUF (llama.cpp, "
+                             "Ollama; the model must be loaded from a .gguf file), or GGUF LoRA (llama-server with "
+                             "a per-request scale s: multiplier 1 + s(m - 1))")
     export.add_argument("--out", required=True,
-                        help="output folder: new or empty (or a previous export with --force); for gguf, a .gguf file")
+                        help="output folder: new or empty (or a previous export with --force); for gguf and "
+                             "gguf-lora, a .gguf file")
     export.add_argument("--model",
                         help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     export.add_argument("--gguf-type", choices=GGUF_TYPES,
@@ -648,6 +650,11 @@ def run_export(args) -> None:
         return
     if args.gguf_type is not None:
         raise CNAError("--gguf-type applies to --format gguf only")
+    if args.format == "gguf-lora":
+        from .gguf_lora import run_export_gguf_lora
+
+        run_export_gguf_lora(args, circuit)
+        return
     check_export_folder(args.out, args.force, inputs=[args.circuit, args.model])  # before the model loads
     model, tokenizer = load_model(args.model)
     if args.format == "folded":
