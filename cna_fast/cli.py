@@ -150,6 +150,10 @@ def _add_generate_parser(commands) -> None:
                                         "same settings resumes it (default: print to stdout)")
     generate.add_argument("--skip-bad", action="store_true", help="with --out: skip bad records and report them")
     generate.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus sampling mass")
+    generate.add_argument("--server", metavar="URL",
+                          help="with --out: generate on this llama-server (GGUF LoRA adapters, lora scale per record) "
+                               "or vLLM server (LoRA modules named CIRCUIT@MULTIPLIER) instead of in-process")
+    generate.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight")
     _add_generation_options(generate)
 
 
@@ -436,11 +440,22 @@ def _generate_pairs(model, tokenizer, circuit, prompts: list[str], multiplier: f
     return texts[:len(prompts)], texts[len(prompts):]
 
 
-def _run_generate_job(args, named: dict[str, str]) -> None:
-    """`cna generate --out FILE`: the streaming, resumable batch job (cna_fast.batch_job)."""
+def _run_in_process(args, source, circuits, multiplier: float, settings: dict):
     from .batch_job import generate_to_file
-    from .circuit import Circuit
     from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    return generate_to_file(
+        model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat_template=settings["chat_template"],
+        positions=args.positions, progress=not args.quiet)
+
+
+def _run_generate_job(args, named: dict[str, str]) -> None:
+    """`cna generate --out FILE`: the streaming, resumable batch job (cna_fast.batch_job), in process or on a
+    server (--server, cna_fast.server_jobs)."""
+    from .circuit import Circuit
     from .prompts import PromptSource
 
     if args.prompts is None:
@@ -455,12 +470,12 @@ def _run_generate_job(args, named: dict[str, str]) -> None:
     for name, circuit in circuits.items():
         _check_circuit_model(circuit, named[name], args.model)
     multiplier = recorded_multiplier(args.multiplier, next(iter(circuits.values())), 0.0)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    summary = generate_to_file(
-        model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat_template=settings["chat_template"],
-        positions=args.positions, progress=not args.quiet)
+    if args.server is not None:
+        from .server_jobs import run_server_job
+
+        summary = run_server_job(args, source, circuits, multiplier)
+    else:
+        summary = _run_in_process(args, source, circuits, multiplier, settings)
     if summary.bad:
         print(f"skipped {len(summary.bad)} bad records (first: {summary.bad[0]})", file=sys.stderr)
     print(f"wrote {summary.written} records ({summary.new_tokens} new tokens) to {args.out} in {summary.seconds:.1f}s; "
@@ -476,6 +491,8 @@ def run_generate(args) -> None:
     from .steering import generate
 
     named = named_circuit_paths(args.circuit)
+    if args.server is not None and args.out is None:
+        raise CNAError("--server needs --prompts FILE and --out FILE (a batch job)")
     if args.out is not None:
         _run_generate_job(args, named)
         return

@@ -1,0 +1,368 @@
+"""The batch job on a server: records sent to llama-server or vLLM instead of our own engine.
+
+Same input formats, records, sidecar and resume as `generate_to_file` (batch_job.py, batch_output.py);
+only the generation moves. Each prompt is formatted and tokenized here exactly as the hook path
+does (`encode_prompts`: the Hugging Face chat template) and sent as token ids, so the server sees
+the tokens discovery saw (no second BOS, no server-side chat template); the answer comes back as
+token ids and is decoded here as the hook path decodes it.
+
+- llama-server (`--lora steer.gguf --lora-init-without-apply`): the job's circuits are matched to
+  the server's adapters (`GET /lora-adapters`) by the cna_fast provenance in each adapter file
+  (circuit neurons and export multiplier m_a, read from the path the server reports). A record at
+  multiplier m gets `"lora": [{"id": i, "scale": (m - 1) / (m_a - 1)}]` and every other adapter at 0.
+- vLLM (`--enable-lora --lora-modules NAME@M=folder`): a record's `model` is the LoRA module named
+  `CIRCUIT@M` for its circuit and multiplier (names from `GET /v1/models`); multiplier 1 is the base
+  model; a multiplier no loaded module serves is a bad record.
+
+HTTP is the standard library's (urllib), `concurrency` requests in flight on a thread pool, retried
+with exponential backoff on connection errors, timeouts and 5xx answers. Results are written as they
+arrive; if the server stays down, the job stops after the requests in flight, having lost nothing,
+and a rerun resumes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import math
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batch_job import JobRecord, JobSummary, _Circuits, _open_source, job_records, record_seed
+from .batch_output import JobOutput
+from .batching import encode_prompts, windows
+from .circuit import Circuit
+from .errors import CNAError
+from .prompts import PromptSource
+
+RETRIES = 6
+BACKOFF_SECONDS = 0.5
+TIMEOUT_SECONDS = 600.0
+
+
+class ServerUnavailable(CNAError):
+    """The server did not answer (connection refused or reset, timeout, 5xx) after every retry."""
+
+
+def _retryable(error: BaseException) -> bool:
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code == 429
+    return isinstance(error, (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
+                              http.client.HTTPException))
+
+
+def request_json(url: str, payload: dict | None = None, *, retries: int | None = None, backoff: float | None = None,
+                 timeout: float | None = None):
+    """GET (payload None) or POST JSON to `url`; the decoded JSON answer. Retries with exponential backoff on
+    connection errors, timeouts, 429 and 5xx; a 4xx answer raises CNAError at once with the server's message."""
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF_SECONDS if backoff is None else backoff
+    timeout = TIMEOUT_SECONDS if timeout is None else timeout
+    data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers),
+                                        timeout=timeout) as response:
+                return json.loads(response.read())
+        except Exception as error:  # noqa: BLE001 - sorted below: retried, reported, or re-raised
+            if isinstance(error, urllib.error.HTTPError) and not _retryable(error):
+                detail = error.read().decode(errors="replace")[:500]
+                raise CNAError(f"{url} answered {error.code}: {detail}") from None
+            if not _retryable(error):
+                raise
+            if attempt == retries:
+                raise ServerUnavailable(f"{url} did not answer after {retries + 1} tries ({error}): start the server "
+                                        "again, then rerun the same command to resume") from None
+            time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _neuron_set(layers, neurons, experts) -> frozenset:
+    experts = list(experts) if experts is not None and len(experts) else [-1] * len(layers)
+    return frozenset(zip((int(v) for v in layers), (int(v) for v in neurons), (int(v) for v in experts)))
+
+
+def _circuit_set(circuit: Circuit) -> frozenset:
+    return _neuron_set(circuit.layers.tolist(), circuit.neurons.tolist(),
+                       circuit.experts.tolist() if circuit.experts is not None else None)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A served adapter: llama-server's id or vLLM's module name, the file, its export multiplier."""
+
+    key: int | str
+    path: str
+    multiplier: float
+
+
+class LlamaServerBackend:
+    """llama-server: one GGUF LoRA per circuit, the strength chosen per request by the lora scale."""
+
+    kind = "llama-server"
+
+    def __init__(self, url: str, circuits: _Circuits) -> None:
+        self.url = url
+        props = request_json(f"{url}/props", retries=2)
+        self.model = Path(str(props.get("model_path", ""))).name
+        adapters = request_json(f"{url}/lora-adapters", retries=2)
+        self.all_ids = [int(entry["id"]) for entry in adapters]
+        self.adapters: dict[str, Adapter] = {}
+        served = []
+        for entry in adapters:
+            path = str(entry.get("path", ""))
+            from .gguf_lora import read_provenance
+
+            provenance = read_provenance(path) if os.path.isfile(path) else None
+            if provenance is None:
+                continue
+            neurons = _neuron_set(provenance["circuit.layers"], provenance["circuit.neurons"],
+                                  provenance.get("circuit.experts"))
+            served.append((neurons, Adapter(int(entry["id"]), path, float(provenance["multiplier"]))))
+        for name, circuit in circuits.named.items():
+            match = next((adapter for neurons, adapter in served if neurons == _circuit_set(circuit)), None)
+            if match is None:
+                files = ", ".join(Path(str(entry.get("path", ""))).name for entry in adapters) or "none"
+                raise CNAError(f"no adapter served by {url} holds circuit {name!r} (adapters: {files}; an adapter is "
+                               "recognized by the cna_fast keys of its file, which must be readable here): export "
+                               "it with `cna export --format gguf-lora` and start llama-server with --lora FILE "
+                               "--lora-init-without-apply")
+            self.adapters[name] = match
+
+    def describe(self) -> dict:
+        return {"backend": self.kind, "served_model": self.model,
+                "adapters": {name: {"file": Path(adapter.path).name, "multiplier": adapter.multiplier}
+                             for name, adapter in self.adapters.items()}}
+
+    def check(self, record: JobRecord) -> None:
+        """Every finite multiplier is served (lora scale (m - 1) / (m_a - 1))."""
+
+    def group(self, record: JobRecord) -> tuple:
+        return (record.circuit or "", record.multiplier if record.multiplier is not None else 1.0)
+
+    def lora(self, record: JobRecord) -> list[dict]:
+        scales = dict.fromkeys(self.all_ids, 0.0)
+        if record.circuit is not None and record.multiplier != 1.0:
+            adapter = self.adapters[record.circuit]
+            scales[adapter.key] = (record.multiplier - 1.0) / (adapter.multiplier - 1.0)
+        return [{"id": key, "scale": scale} for key, scale in scales.items()]
+
+    def send(self, record: JobRecord, token_ids: list[int], options: dict) -> tuple[list[int], str]:
+        body = {"prompt": token_ids, "n_predict": options["max_new_tokens"], "cache_prompt": True,
+                "return_tokens": True, "stream": False, "lora": self.lora(record)}
+        if options["do_sample"]:
+            body.update(temperature=options["temperature"], top_p=options["top_p"], top_k=0, min_p=0.0,
+                        seed=record_seed(options["seed"], record.id) & 0xFFFFFFFF)
+        else:
+            body.update(temperature=0.0, top_k=1)  # temperature <= 0: argmax (llama-sampler.cpp)
+        body.update(repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, dry_multiplier=0.0)
+        answer = request_json(f"{self.url}/completion", body)
+        tokens = [int(token) for token in answer.get("tokens") or []]
+        return tokens, "stop" if answer.get("stop_type") in ("eos", "word") else "length"
+
+
+def _adapter_name(circuit: str, multiplier: float) -> str:
+    return f"{circuit}@{multiplier:g}"
+
+
+class VLLMBackend:
+    """vLLM's OpenAI server: one LoRA module per (circuit, multiplier), named CIRCUIT@M; records pick it by `model`."""
+
+    kind = "vllm"
+
+    def __init__(self, url: str, circuits: _Circuits) -> None:
+        self.url = url
+        models = request_json(f"{url}/v1/models", retries=2).get("data", [])
+        bases = [entry["id"] for entry in models if not entry.get("parent")]
+        if not bases:
+            raise CNAError(f"{url}/v1/models lists no base model")
+        self.model = bases[0]
+        self.modules = {entry["id"]: str(entry.get("root", "")) for entry in models if entry.get("parent")}
+        self.circuits = circuits
+
+    def describe(self) -> dict:
+        return {"backend": self.kind, "served_model": self.model, "adapters": sorted(self.modules)}
+
+    def check(self, record: JobRecord) -> None:
+        if record.circuit is None or record.multiplier == 1.0:
+            return
+        name = _adapter_name(record.circuit, record.multiplier)
+        if name not in self.modules:
+            raise ValueError(f"no LoRA module {name!r} is loaded for circuit {record.circuit!r} at multiplier "
+                             f"{record.multiplier:g} (served: {', '.join(sorted(self.modules)) or 'none'}): export it "
+                             f"(cna export --format lora --multiplier {record.multiplier:g}) and serve it as "
+                             f"--lora-modules {name}=FOLDER")
+
+    def group(self, record: JobRecord) -> tuple:
+        return (record.circuit or "", record.multiplier if record.multiplier is not None else 1.0)
+
+    def send(self, record: JobRecord, token_ids: list[int], options: dict) -> tuple[list[int] | str, str]:
+        model = self.model
+        if record.circuit is not None and record.multiplier != 1.0:
+            model = _adapter_name(record.circuit, record.multiplier)
+        body = {"model": model, "prompt": token_ids, "max_tokens": options["max_new_tokens"],
+                "return_token_ids": True, "skip_special_tokens": True}
+        if options["do_sample"]:
+            body.update(temperature=options["temperature"], top_p=options["top_p"],
+                        seed=record_seed(options["seed"], record.id) & 0x7FFFFFFF)
+        else:
+            body.update(temperature=0.0)
+        choice = request_json(f"{self.url}/v1/completions", body)["choices"][0]
+        tokens = choice.get("token_ids")
+        finish = "stop" if choice.get("finish_reason") == "stop" else "length"
+        return ([int(token) for token in tokens] if tokens is not None else str(choice.get("text", ""))), finish
+
+
+def connect(url: str, circuits: _Circuits):
+    """The backend behind `url`: llama-server when it answers /lora-adapters, else vLLM (/v1/models)."""
+    url = url.rstrip("/")
+    try:
+        request_json(f"{url}/lora-adapters", retries=2)
+    except ServerUnavailable:
+        raise
+    except CNAError:
+        return VLLMBackend(url, circuits)
+    return LlamaServerBackend(url, circuits)
+
+
+def load_tokenizer(model: str | os.PathLike | None):
+    """The tokenizer the hook path uses for `model` (the embedded default when None), without the weights."""
+    from transformers import AutoTokenizer
+
+    from .models import default_model_dir
+    from .models.gguf_files import converted_dir, looks_like_gguf
+
+    if model is None:
+        return AutoTokenizer.from_pretrained(default_model_dir())
+    if looks_like_gguf(model):
+        return AutoTokenizer.from_pretrained(converted_dir(model))
+    return AutoTokenizer.from_pretrained(str(model))
+
+
+def _checked(records: Iterator[JobRecord], backend, source: PromptSource, bad: list[str]) -> Iterator[JobRecord]:
+    for record in records:
+        try:
+            backend.check(record)
+        except ValueError as error:
+            if not source.skip_bad:
+                raise CNAError(f"{source.spec}: record {record.id!r}: {error} (or pass --skip-bad)") from None
+            bad.append(f"{source.spec}: record {record.id!r}: {error}")
+            continue
+        yield record
+
+
+def _ordered(records: Iterator[JobRecord], tokenizer, chat_template, window: int, backend):
+    """(record, token ids), grouped by lora setting within windows (llama-server batches equal settings only)."""
+    for chunk in windows(records, window):
+        encoded = encode_prompts(tokenizer, [record.prompt for record in chunk], chat_template)
+        for index in sorted(range(len(chunk)), key=lambda i: (backend.group(chunk[i]), len(encoded[i]))):
+            yield chunk[index], encoded[index]
+
+
+def _settings(backend, tokenizer, source: PromptSource, circuits: _Circuits, options: dict) -> dict:
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    settings = {**backend.describe(), "tokenizer": vocab, "chat_template_text": hashlib.sha256(
+                    str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest()[:16],
+                "prompts": source.spec, "prompts_sha256": source.content_hash(), "skip_bad": source.skip_bad,
+                "circuits": circuits.fingerprint(), "default_circuit": circuits.default,
+                "multiplier": circuits.multiplier, **options}
+    if not options["do_sample"]:
+        for key in ("temperature", "top_p", "seed"):
+            settings.pop(key)
+    return settings
+
+
+def generate_on_server(url: str, tokenizer, prompts: str | os.PathLike | PromptSource, out: str | os.PathLike, *,
+                       circuits: Circuit | Mapping[str, Circuit] | None = None, multiplier: float = 0.0,
+                       max_new_tokens: int = 64, concurrency: int = 8, do_sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                       chat_template: bool | str | None = None, skip_bad: bool = False, window: int = 1024,
+                       progress: bool = True) -> JobSummary:
+    """`generate_to_file` with the generation done by the server at `url` (llama-server or vLLM).
+
+    tokenizer: the model's Hugging Face tokenizer (load_tokenizer), which formats prompts as the hook path
+    does. Records, sidecar and resume are the batch job's; see the module docstring for how circuits and
+    multipliers reach each server. concurrency: requests in flight (give llama-server as many --parallel slots).
+    """
+    from tqdm.auto import tqdm
+
+    from .steering import as_multiplier
+
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise CNAError(f"concurrency must be a positive integer, got {concurrency!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise CNAError(f"window must be a positive integer, got {window!r}")
+    if do_sample and not (0 < temperature < math.inf):
+        raise CNAError(f"temperature must be positive with sampling, got {temperature!r}")
+    source = _open_source(prompts, skip_bad)
+    circuits = _Circuits(circuits, as_multiplier(multiplier))
+    backend = connect(url, circuits)
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+               "seed": seed, "chat_template": chat_template}
+    output = JobOutput(out, _settings(backend, tokenizer, source, circuits, options))
+    summary, bad, started = JobSummary(resumed=len(output.done)), [], time.monotonic()
+    failure: BaseException | None = None
+    try:
+        records = (record for record in job_records(source, circuits, bad) if record.id not in output.done)
+        work = _ordered(_checked(records, backend, source, bad), tokenizer, chat_template, window, backend)
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool, \
+                tqdm(desc="generate", unit="rec", disable=not progress) as bar:
+            pending: dict[concurrent.futures.Future, tuple[JobRecord, list[int]]] = {}
+            exhausted = False
+            while pending or not exhausted:
+                while not exhausted and failure is None and len(pending) < 2 * concurrency:
+                    item = next(work, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    pending[pool.submit(backend.send, item[0], item[1], options)] = item
+                if not pending:
+                    break
+                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    record, token_ids = pending.pop(future)
+                    try:
+                        tokens, finish = future.result()
+                    except BaseException as error:  # keep what the other requests in flight bring back
+                        failure = failure or error
+                        continue
+                    text = tokenizer.decode(tokens, skip_special_tokens=True) if isinstance(tokens, list) else tokens
+                    output.write({"id": record.id, "prompt": record.prompt, "output": text.strip(),
+                                  "circuit": record.circuit, "multiplier": record.multiplier, "finish_reason": finish,
+                                  "prompt_tokens": len(token_ids),
+                                  "output_tokens": len(tokens) if isinstance(tokens, list) else None})
+                    summary.written += 1
+                    summary.new_tokens += len(tokens) if isinstance(tokens, list) else 0
+                    bar.update(1)
+                if failure is not None and not pending:
+                    break
+    finally:
+        output.close()
+    if failure is not None:
+        raise failure
+    summary.bad = [f"{source.spec}:{record.line}: {record.reason}" for record in source.bad] + bad
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def run_server_job(args, source: PromptSource, circuits: dict[str, Circuit], multiplier: float) -> JobSummary:
+    """`cna generate --server URL --prompts FILE --out FILE` (called by the CLI, which checked the inputs)."""
+    if args.concurrency < 1:
+        raise CNAError(f"--concurrency must be at least 1, got {args.concurrency}")
+    return generate_on_server(
+        args.server, load_tokenizer(args.model), source, args.out, circuits=circuits, multiplier=multiplier,
+        max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        chat_template=False if args.no_chat_template else None, progress=not args.quiet)
+
+
+__all__ = ["Adapter", "LlamaServerBackend", "ServerUnavailable", "VLLMBackend", "connect", "generate_on_server",
+           "load_tokenizer", "request_json", "run_server_job"]
