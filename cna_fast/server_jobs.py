@@ -364,5 +364,99 @@ def run_server_job(args, source: PromptSource, circuits: dict[str, Circuit], mul
         chat_template=False if args.no_chat_template else None, progress=not args.quiet)
 
 
-__all__ = ["Adapter", "LlamaServerBackend", "ServerUnavailable", "VLLMBackend", "connect", "generate_on_server",
-           "load_tokenizer", "request_json", "run_server_job"]
+# ------------------------------------------------------------------------- a local llama-server (tests, benchmarks)
+
+def llama_server_binary() -> Path | None:
+    """The llama-server that scripts/build_llama_server.sh built (or $CNA_LLAMA_SERVER), None if there is none."""
+    import subprocess
+
+    given = os.environ.get("CNA_LLAMA_SERVER")
+    if given:
+        return Path(given) if os.access(given, os.X_OK) else None
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build_llama_server.sh"
+    if not script.is_file():
+        return None
+    done = subprocess.run(["bash", str(script), "--print-path"], capture_output=True, text=True)
+    path = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    return Path(path) if done.returncode == 0 and path else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LlamaServer:
+    """A llama-server child process on a free local port: `with LlamaServer(model, loras=[...]) as server:`.
+
+    loras are loaded with --lora-init-without-apply (scale 0 unless a request sets it). `url` is set once
+    /health answers; `stop()` kills it (as a crash would), `close()` ends it.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, loras=(), parallel: int = 4, context: int = 1024,
+                 threads: int | None = None, binary: str | os.PathLike | None = None, port: int | None = None,
+                 log: str | os.PathLike | None = None, extra=()) -> None:
+        binary = binary or llama_server_binary()
+        if binary is None:
+            raise CNAError("llama-server is not built: run scripts/build_llama_server.sh")
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                        "--parallel", str(parallel), "--ctx-size", str(context * parallel), "--no-webui",
+                        *[arg for lora in loras for arg in ("--lora", str(lora))],
+                        *(["--lora-init-without-apply"] if loras else []),
+                        *(["--threads", str(threads)] if threads else []), *map(str, extra)]
+        self.log = log
+        self.process = None
+
+    def start(self, timeout: float = 120.0) -> LlamaServer:
+        import subprocess
+
+        output = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - kept open with the child
+        self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise CNAError(f"llama-server exited with code {self.process.returncode}: {' '.join(self.command)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, socket.timeout, http.client.HTTPException):
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise CNAError(f"llama-server did not become ready in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - a stuck server is killed
+                self.stop()
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def complete(self, token_ids: list[int], max_new_tokens: int, lora: list[dict] | None = None) -> list[int]:
+        """Greedy /completion of `token_ids`; the new token ids."""
+        body = {"prompt": token_ids, "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
+                "return_tokens": True, "cache_prompt": False, "repeat_penalty": 1.0}
+        if lora is not None:
+            body["lora"] = lora
+        return [int(token) for token in request_json(f"{self.url}/completion", body)["tokens"]]
+
+
+__all__ = ["Adapter", "LlamaServer", "LlamaServerBackend", "ServerUnavailable", "VLLMBackend", "connect",
+           "generate_on_server", "llama_server_binary", "load_tokenizer", "request_json", "run_server_job"]
