@@ -204,9 +204,7 @@ def export_gguf_lora(model, circuit: Circuit, multiplier: float, out_path: str |
     GGUF then differs by its quantization error). A request at lora scale s steers at 1 + s (m - 1).
     force: replace a previous GGUF LoRA export (recognized by its cna_fast.format key), never another file.
     """
-    from gguf import GGUFReader, GGUFWriter
-
-    from . import __version__
+    from gguf import GGUFReader
 
     multiplier = as_multiplier(multiplier)
     out_path = check_gguf_lora_output(out_path, force)
@@ -229,33 +227,42 @@ def export_gguf_lora(model, circuit: Circuit, multiplier: float, out_path: str |
     else:
         tensors = adapter_tensors_from_model(model, circuit, multiplier)
         source_file, source_sha = str(getattr(model, "name_or_path", "")), ""
-    rank = next(iter(tensors.values())).shape[-2]
-    experts = circuit.experts.tolist() if circuit.experts is not None else []
     with atomic_path(out_path) as staging:
-        writer = GGUFWriter(staging, arch=architecture)
-        writer.add_string("general.type", "adapter")
-        writer.add_string("general.name", f"cna_fast circuit x{multiplier:g}")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(rank))
-        writer.add_string(f"{_PREFIX}format", FORMAT)
-        writer.add_string(f"{_PREFIX}version", __version__)
-        writer.add_float64(f"{_PREFIX}multiplier", multiplier)
-        writer.add_uint32(f"{_PREFIX}rank", int(rank))
-        writer.add_uint32(f"{_PREFIX}neurons", len(circuit))
-        writer.add_array(f"{_PREFIX}circuit.layers", [int(v) for v in circuit.layers])
-        writer.add_array(f"{_PREFIX}circuit.neurons", [int(v) for v in circuit.neurons])
-        if experts:
-            writer.add_array(f"{_PREFIX}circuit.experts", [int(v) for v in experts])
-        writer.add_string(f"{_PREFIX}circuit.meta", json.dumps(circuit.meta, default=str))
-        writer.add_string(f"{_PREFIX}source.file", source_file)
-        writer.add_string(f"{_PREFIX}source.sha256", source_sha)
-        for name, values in tensors.items():
-            writer.add_tensor(name, np.ascontiguousarray(values))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _write_adapter(staging, architecture, tensors, circuit, multiplier, source_file, source_sha)
     return out_path
+
+
+def _write_adapter(path: Path, architecture: str, tensors: dict[str, np.ndarray], circuit: Circuit,
+                   multiplier: float, source_file: str, source_sha: str) -> None:
+    """The adapter file: llama.cpp's keys (alpha = the common rank), cna_fast provenance, the tensors."""
+    from gguf import GGUFWriter
+
+    from . import __version__
+
+    rank = next(values for name, values in tensors.items() if name.endswith(".lora_b")).shape[-1]  # B [.., out, r]
+    writer = GGUFWriter(path, arch=architecture)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("general.name", f"cna_fast circuit x{multiplier:g}")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    writer.add_string(f"{_PREFIX}format", FORMAT)
+    writer.add_string(f"{_PREFIX}version", __version__)
+    writer.add_float64(f"{_PREFIX}multiplier", multiplier)
+    writer.add_uint32(f"{_PREFIX}rank", int(rank))
+    writer.add_uint32(f"{_PREFIX}neurons", len(circuit))
+    writer.add_array(f"{_PREFIX}circuit.layers", [int(v) for v in circuit.layers])
+    writer.add_array(f"{_PREFIX}circuit.neurons", [int(v) for v in circuit.neurons])
+    if circuit.experts is not None:
+        writer.add_array(f"{_PREFIX}circuit.experts", [int(v) for v in circuit.experts])
+    writer.add_string(f"{_PREFIX}circuit.meta", json.dumps(circuit.meta, default=str))
+    writer.add_string(f"{_PREFIX}source.file", source_file)
+    writer.add_string(f"{_PREFIX}source.sha256", source_sha)
+    for name, values in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def gguf_lora_instructions(out_path: str | os.PathLike, base_gguf: str | os.PathLike | None,

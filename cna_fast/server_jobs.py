@@ -280,6 +280,45 @@ def _settings(backend, tokenizer, source: PromptSource, circuits: _Circuits, opt
     return settings
 
 
+def _run_requests(work, backend, tokenizer, options: dict, output: JobOutput, summary: JobSummary,
+                  concurrency: int, progress: bool) -> BaseException | None:
+    """Send `work` with `concurrency` requests in flight, writing answers as they come; the first failure, if any
+    (after it no request is sent, and the answers of those in flight are still written)."""
+    from tqdm.auto import tqdm
+
+    failure: BaseException | None = None
+    pending: dict[concurrent.futures.Future, tuple[JobRecord, list[int]]] = {}
+    exhausted = False
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool, \
+            tqdm(desc="generate", unit="rec", disable=not progress) as bar:
+        while pending or (not exhausted and failure is None):
+            while not exhausted and failure is None and len(pending) < 2 * concurrency:
+                item = next(work, None)
+                if item is None:
+                    exhausted = True
+                    break
+                pending[pool.submit(backend.send, item[0], item[1], options)] = item
+            if not pending:
+                break
+            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                record, token_ids = pending.pop(future)
+                try:
+                    tokens, finish = future.result()
+                except BaseException as error:  # keep what the other requests in flight bring back
+                    failure = failure or error
+                    continue
+                text = tokenizer.decode(tokens, skip_special_tokens=True) if isinstance(tokens, list) else tokens
+                output.write({"id": record.id, "prompt": record.prompt, "output": text.strip(),
+                              "circuit": record.circuit, "multiplier": record.multiplier, "finish_reason": finish,
+                              "prompt_tokens": len(token_ids),
+                              "output_tokens": len(tokens) if isinstance(tokens, list) else None})
+                summary.written += 1
+                summary.new_tokens += len(tokens) if isinstance(tokens, list) else 0
+                bar.update(1)
+    return failure
+
+
 def generate_on_server(url: str, tokenizer, prompts: str | os.PathLike | PromptSource, out: str | os.PathLike, *,
                        circuits: Circuit | Mapping[str, Circuit] | None = None, multiplier: float = 0.0,
                        max_new_tokens: int = 64, concurrency: int = 8, do_sample: bool = False,
@@ -292,8 +331,6 @@ def generate_on_server(url: str, tokenizer, prompts: str | os.PathLike | PromptS
     does. Records, sidecar and resume are the batch job's; see the module docstring for how circuits and
     multipliers reach each server. concurrency: requests in flight (give llama-server as many --parallel slots).
     """
-    from tqdm.auto import tqdm
-
     from .steering import as_multiplier
 
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -309,41 +346,10 @@ def generate_on_server(url: str, tokenizer, prompts: str | os.PathLike | PromptS
                "seed": seed, "chat_template": chat_template}
     output = JobOutput(out, _settings(backend, tokenizer, source, circuits, options))
     summary, bad, started = JobSummary(resumed=len(output.done)), [], time.monotonic()
-    failure: BaseException | None = None
     try:
         records = (record for record in job_records(source, circuits, bad) if record.id not in output.done)
         work = _ordered(_checked(records, backend, source, bad), tokenizer, chat_template, window, backend)
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool, \
-                tqdm(desc="generate", unit="rec", disable=not progress) as bar:
-            pending: dict[concurrent.futures.Future, tuple[JobRecord, list[int]]] = {}
-            exhausted = False
-            while pending or not exhausted:
-                while not exhausted and failure is None and len(pending) < 2 * concurrency:
-                    item = next(work, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    pending[pool.submit(backend.send, item[0], item[1], options)] = item
-                if not pending:
-                    break
-                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    record, token_ids = pending.pop(future)
-                    try:
-                        tokens, finish = future.result()
-                    except BaseException as error:  # keep what the other requests in flight bring back
-                        failure = failure or error
-                        continue
-                    text = tokenizer.decode(tokens, skip_special_tokens=True) if isinstance(tokens, list) else tokens
-                    output.write({"id": record.id, "prompt": record.prompt, "output": text.strip(),
-                                  "circuit": record.circuit, "multiplier": record.multiplier, "finish_reason": finish,
-                                  "prompt_tokens": len(token_ids),
-                                  "output_tokens": len(tokens) if isinstance(tokens, list) else None})
-                    summary.written += 1
-                    summary.new_tokens += len(tokens) if isinstance(tokens, list) else 0
-                    bar.update(1)
-                if failure is not None and not pending:
-                    break
+        failure = _run_requests(work, backend, tokenizer, options, output, summary, concurrency, progress)
     finally:
         output.close()
     if failure is not None:
