@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16, help="llama-server --parallel and the job's concurrency")
     parser.add_argument("--batch-size", type=int, default=16, help="the torch engine's batch size")
-    parser.add_argument("--server-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="llama-server --threads (1: on an oversubscribed CPU more threads spin-wait)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/server_throughput.json"))
     args = parser.parse_args()
     binary = llama_server_binary()

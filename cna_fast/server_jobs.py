@@ -397,12 +397,14 @@ class LlamaServer:
     """A llama-server child process on a free local port: `with LlamaServer(model, loras=[...]) as server:`.
 
     loras are loaded with --lora-init-without-apply (scale 0 unless a request sets it). `url` is set once
-    /health answers; `stop()` kills it (as a crash would), `close()` ends it.
+    /health answers; `stop()` kills it (as a crash would), `close()` ends it. repack=False passes
+    --no-repack: the native (-march=native) build of this llama.cpp crashed (SIGSEGV at its first
+    graph) with weights repacked into the CPU's AMX buffers on the machine this was written on.
     """
 
     def __init__(self, model: str | os.PathLike, *, loras=(), parallel: int = 4, context: int = 1024,
                  threads: int | None = None, binary: str | os.PathLike | None = None, port: int | None = None,
-                 log: str | os.PathLike | None = None, extra=()) -> None:
+                 log: str | os.PathLike | None = None, repack: bool = False, extra=()) -> None:
         binary = binary or llama_server_binary()
         if binary is None:
             raise CNAError("llama-server is not built: run scripts/build_llama_server.sh")
@@ -412,7 +414,8 @@ class LlamaServer:
                         "--parallel", str(parallel), "--ctx-size", str(context * parallel), "--no-webui",
                         *[arg for lora in loras for arg in ("--lora", str(lora))],
                         *(["--lora-init-without-apply"] if loras else []),
-                        *(["--threads", str(threads)] if threads else []), *map(str, extra)]
+                        *(["--threads", str(threads)] if threads else []), *([] if repack else ["--no-repack"]),
+                        *map(str, extra)]
         self.log = log
         self.process = None
 

@@ -52,13 +52,18 @@ def setup(default_model):
 
 @pytest.fixture(scope="module")
 def hook_answers(setup):
-    """The hook path's greedy answers at every multiplier the tests need, one prompt at a time (no padding)."""
+    """The hook path's greedy answers at every multiplier the tests need (one thread: module fixtures run before
+    conftest's per-test thread setting, and two spinning threads crawl on a busy 2-core machine)."""
     model, tokenizer, circuit, _ = setup
-    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     answers = {}
-    for multiplier in sorted({1.0, *(effective_multiplier(EXPORT_MULTIPLIER, s) for s in SCALES)}):
-        answers[multiplier] = generate(model, tokenizer, PROMPTS, circuits=circuit, multiplier=multiplier,
-                                       max_new_tokens=TOKENS, batch_size=1, progress=False)
+    try:
+        for multiplier in sorted({1.0, *(effective_multiplier(EXPORT_MULTIPLIER, s) for s in SCALES)}):
+            answers[multiplier] = generate(model, tokenizer, PROMPTS, circuits=circuit, multiplier=multiplier,
+                                           max_new_tokens=TOKENS, batch_size=len(PROMPTS), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return answers
 
 
@@ -66,7 +71,7 @@ def hook_answers(setup):
 def lora_server(setup, tmp_path_factory):
     model, _, circuit, _ = setup
     adapter = export_gguf_lora(model, circuit, EXPORT_MULTIPLIER, tmp_path_factory.mktemp("lora") / "french.gguf")
-    with LlamaServer(gguf_source(model), loras=[adapter], parallel=4) as server:
+    with LlamaServer(gguf_source(model), loras=[adapter], parallel=4, threads=1) as server:
         yield server
 
 
@@ -145,9 +150,9 @@ def test_lora_scales_interleaved_match_the_hook_path(setup, lora_server, hook_an
 def test_folded_gguf_served_answers_as_the_hooks(setup, hook_answers, tmp_path):
     model, tokenizer, circuit, encoded = setup
     folded = export_gguf(model, circuit, EXPORT_MULTIPLIER, tmp_path / "folded.gguf")
-    with LlamaServer(folded, parallel=4) as server:
+    with LlamaServer(folded, parallel=4, threads=1) as server:
         answers = served(server, tokenizer, encoded)
-    with LlamaServer(gguf_source(model), parallel=4) as server:
+    with LlamaServer(gguf_source(model), parallel=4, threads=1) as server:
         unsteered = served(server, tokenizer, encoded)
     hook = hook_answers[EXPORT_MULTIPLIER]
     numbers = {"folded_vs_hook_x0": agreement(answers, hook), "folded_vs_hook_unsteered": agreement(
@@ -180,7 +185,7 @@ def test_server_job_survives_a_killed_server_and_resumes(setup, lora_server, tmp
     source = gguf_source(model)
     adapters = [entry["path"] for entry in server_jobs.request_json(f"{lora_server.url}/lora-adapters")]
     out = tmp_path / "out.jsonl"
-    victim = LlamaServer(source, loras=adapters, parallel=2).start()
+    victim = LlamaServer(source, loras=adapters, parallel=2, threads=1).start()
     errors = []
 
     def job():
@@ -199,7 +204,7 @@ def test_server_job_survives_a_killed_server_and_resumes(setup, lora_server, tmp
     runner.join(timeout=120)
     first = [json.loads(line) for line in out.read_text().splitlines()]
     assert errors and 4 <= len(first) < len(rows), (len(first), errors)
-    with LlamaServer(source, loras=adapters, parallel=2) as revived:  # another port: the URL is not a setting
+    with LlamaServer(source, loras=adapters, parallel=2, threads=1) as revived:  # a new port: the URL is no setting
         summary = generate_on_server(revived.url, tokenizer, prompts, out, circuits={"french": circuit},
                                      max_new_tokens=TOKENS, concurrency=2, progress=False)
     assert summary.resumed == len(first) and summary.written == len(rows) - len(first)
