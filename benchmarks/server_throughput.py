@@ -45,12 +45,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="the torch engine's batch size")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="llama-server --threads (1: on an oversubscribed CPU more threads spin-wait)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads (1 on an oversubscribed CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/server_throughput.json"))
     args = parser.parse_args()
     binary = llama_server_binary()
     if binary is None:
         sys.exit("llama-server is not built: run scripts/build_llama_server.sh")
 
+    torch.set_num_threads(args.torch_threads)
     model, tokenizer = cna_fast.load_model()
     circuit = Circuit.load(ROOT / "docs/french.safetensors")
     pool = bundled_prompts("french_heldout") + bundled_prompts("english_questions")

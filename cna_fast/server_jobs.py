@@ -396,7 +396,9 @@ def _free_port() -> int:
 class LlamaServer:
     """A llama-server child process on a free local port: `with LlamaServer(model, loras=[...]) as server:`.
 
-    loras are loaded with --lora-init-without-apply (scale 0 unless a request sets it). `url` is set once
+    loras are loaded as --lora-scaled FILE:0 with --lora-init-without-apply: a request without a `lora` field
+    gets scale 0 (this llama.cpp gives such a request the scales the adapters were loaded with, and
+    `--lora FILE` loads at 1, whatever --lora-init-without-apply says). `url` is set once
     /health answers; `stop()` kills it (as a crash would), `close()` ends it. repack=False passes
     --no-repack: the native (-march=native) build of this llama.cpp crashed (SIGSEGV at its first
     graph) with weights repacked into the CPU's AMX buffers on the machine this was written on.
@@ -412,7 +414,7 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                         "--parallel", str(parallel), "--ctx-size", str(context * parallel), "--no-webui",
-                        *[arg for lora in loras for arg in ("--lora", str(lora))],
+                        *[arg for lora in loras for arg in ("--lora-scaled", f"{lora}:0")],
                         *(["--lora-init-without-apply"] if loras else []),
                         *(["--threads", str(threads)] if threads else []), *([] if repack else ["--no-repack"]),
                         *map(str, extra)]
