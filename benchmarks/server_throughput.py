@@ -8,7 +8,7 @@ and English questions, cycled) on the embedded default model, greedy, in new tok
   --lora-init-without-apply), N parallel slots, the same job through `generate_on_server` with
   concurrency N: steered = lora scale 1 (x0), unsteered = multiplier 1 (every lora scale 0).
 
-    python benchmarks/server_throughput.py [--prompts 512] [--tokens 64] [--slots 16]
+    python -m benchmarks.server_throughput [--prompts 512] [--tokens 64] [--slots 16]
 
 Writes benchmarks/results/server_throughput.json. Needs scripts/build_llama_server.sh to have run.
 """

@@ -9,7 +9,7 @@ Not run yet (no GPU so far). Steps, each printed:
 4. the same records through the hook path (torch, same GPU): agreement of answers, French rates;
 5. time: the job with the adapter (every record x0) vs without (every record x1), new tokens/s.
 
-    python benchmarks/vllm_server.py [--repeat 16] [--tokens 64] [--concurrency 64]
+    python -m benchmarks.vllm_server [--repeat 16] [--tokens 64] [--concurrency 64]
 
 Writes benchmarks/results/vllm_server.json.
 """
