@@ -158,8 +158,9 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> s
 
 
 def _run_generate_job(args, named: dict[str, str]) -> None:
-    """`cna generate --out FILE`: the streaming, resumable batch job (cna_fast.jobs)."""
-    from ..jobs import generate_to_file
+    """`cna generate --out FILE`: the streaming, resumable batch job (cna_fast.jobs), in process or on a
+    server (--server)."""
+    from ..jobs import generate_on_server, generate_to_file, load_tokenizer
     from ..prompts import open_prompt_source
 
     if args.prompts is None:
@@ -170,9 +171,14 @@ def _run_generate_job(args, named: dict[str, str]) -> None:
     source = open_prompt_source(args.prompts, skip_bad=args.skip_bad)
     circuits = {name: _load_circuit(path, args.model) for name, path in named.items()}
     multiplier = next(iter(circuits.values())).recorded_multiplier(args.multiplier, 0.0)
-    model, tokenizer = _load_model(args)
-    summary = generate_to_file(model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
-                               generation=generation, progress=not args.quiet)
+    if args.server is not None:
+        summary = generate_on_server(args.server, load_tokenizer(args.model), source, args.out, circuits=circuits,
+                                     multiplier=multiplier, generation=generation, concurrency=args.concurrency,
+                                     progress=not args.quiet)
+    else:
+        model, tokenizer = _load_model(args)
+        summary = generate_to_file(model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
+                                   generation=generation, progress=not args.quiet)
     if summary.bad:
         print(f"skipped {len(summary.bad)} bad records (first: {summary.bad[0]})", file=sys.stderr)
     print(f"wrote {summary.written} records ({summary.new_tokens} new tokens) to {args.out} in {summary.seconds:.1f}s; "
@@ -184,6 +190,8 @@ def run_generate(args) -> None:
     from ..steering import generate, generate_with_baseline
 
     named = named_circuit_paths(args.circuit)
+    if args.server is not None and args.out is None:
+        raise CNAError("--server needs --prompts FILE and --out FILE (a batch job)")
     if args.out is not None:
         _run_generate_job(args, named)
         return
@@ -292,8 +300,9 @@ def run_eval(args) -> None:
 
 
 def run_export(args) -> None:
-    from ..export import check_gguf_output, export_folded, export_gguf, export_lora, gguf_serving_instructions
-    from ..export import lora_serving_note
+    from ..export import check_gguf_lora_output, check_gguf_output, export_folded, export_gguf, export_gguf_lora
+    from ..export import export_lora, gguf_lora_instructions, gguf_serving_instructions, lora_serving_note
+    from ..models import gguf_source
     from ..paths import check_export_folder
 
     circuit = _load_circuit(args.circuit, args.model)
@@ -302,11 +311,15 @@ def run_export(args) -> None:
         check_gguf_output(args.out, args.force)  # before the model loads
     elif args.gguf_type is not None:
         raise CNAError("--gguf-type applies to --format gguf only")
+    elif args.format == "gguf-lora":
+        check_gguf_lora_output(args.out, args.force)
     else:
         check_export_folder(args.out, args.force, inputs=[args.circuit, args.model])  # before the model loads
     model, tokenizer = _load_model(args)
     if args.format == "gguf":
         export_gguf(model, circuit, multiplier, args.out, gguf_type=args.gguf_type, force=args.force, progress=True)
+    elif args.format == "gguf-lora":
+        export_gguf_lora(model, circuit, multiplier, args.out, force=args.force)
     elif args.format == "folded":
         export_folded(model, circuit, multiplier, args.out, tokenizer=tokenizer, force=args.force)
     else:
@@ -314,6 +327,8 @@ def run_export(args) -> None:
     print(f"wrote {args.format} export of {len(circuit)} neurons at multiplier {multiplier:g} to {args.out}")
     if args.format == "gguf":
         print(gguf_serving_instructions(args.out))
+    elif args.format == "gguf-lora":
+        print(gguf_lora_instructions(args.out, gguf_source(model), multiplier))
     elif args.format == "lora":
         print(lora_serving_note(model, args.out))
 

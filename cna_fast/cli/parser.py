@@ -168,6 +168,10 @@ def _add_generate_parser(commands) -> None:
                                         "same settings resumes it (default: print to stdout)")
     generate.add_argument("--skip-bad", action="store_true", help="with --out: skip bad records and report them")
     generate.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus sampling mass")
+    generate.add_argument("--server", metavar="URL",
+                          help="with --out: generate on this llama-server (GGUF LoRA adapters, lora scale per record) "
+                               "or vLLM server (LoRA modules named CIRCUIT@MULTIPLIER) instead of in-process")
+    generate.add_argument("--concurrency", type=_positive, default=8, help="with --server: requests in flight")
     _add_generation_options(generate)
 
 
@@ -191,18 +195,20 @@ def _add_export_parser(commands) -> None:
     export = commands.add_parser("export", help="write a steered model for serving (folded weights, LoRA or GGUF)")
     export.add_argument("--circuit", required=True)
     export.add_argument("--multiplier", type=_finite, help="default: the multiplier the circuit records (cna tune)")
-    export.add_argument("--format", choices=("folded", "lora", "gguf"), required=True,
-                        help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), or GGUF (llama.cpp, "
-                             "Ollama; the model must be loaded from a .gguf file)")
+    export.add_argument("--format", choices=("folded", "lora", "gguf", "gguf-lora"), required=True,
+                        help="folded checkpoint (any engine), PEFT LoRA (vLLM per request), GGUF (llama.cpp, "
+                             "Ollama; the model must be loaded from a .gguf file), or GGUF LoRA (llama-server with "
+                             "a per-request scale s: multiplier 1 + s(m - 1))")
     export.add_argument("--out", required=True,
-                        help="output folder: new or empty (or a previous export with --force); for gguf, a .gguf file")
+                        help="output folder: new or empty (or a previous export with --force); for gguf and "
+                             "gguf-lora, a .gguf file")
     export.add_argument("--model", help=_MODEL_HELP)
     export.add_argument("--gguf-type", choices=GGUF_TYPES,
                         help="type of the rewritten ffn_down tensors (default: the source's when it is one of "
                              "these, else F16)")
     export.add_argument("--force", action="store_true",
                         help="replace a previous export (a folder holding cna_fast_steering.json, or a .gguf file "
-                             "with --format gguf); never other folders")
+                             "this tool wrote, with --format gguf or gguf-lora); never other folders or files")
     export.add_argument("--no-vllm-check", action="store_true",
                         help="lora: allow ranks above vLLM's maximum (512) and skip vLLM's adapter checks (PEFT only)")
 
