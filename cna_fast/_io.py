@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,29 @@ from typing import Any
 from .errors import CNAError
 
 _LEFTOVER_SUFFIXES = (".tmp", ".staging", ".old")
+JSON_LIMIT = 16 << 20  # every JSON file the tool reads (sidecars, configs, memos) is a few KB
+
+
+def read_json(path: str | os.PathLike, what: str, limit: int = JSON_LIMIT) -> Any:
+    """The JSON value in the file `path`, read with a size cap; a CNAError naming `what` when it cannot be read.
+
+    The size is checked on the open file (not before opening it), and at most `limit` + 1 bytes are read,
+    so a huge or growing file, a FIFO or a device never makes the tool read without bound.
+    """
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CNAError(f"{what} {str(path)!r} is not a regular file: check the path")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as error:
+        raise CNAError(f"cannot read {what} {str(path)!r}: {error.strerror or error}") from None
+    if len(data) > limit:
+        raise CNAError(f"{what} {str(path)!r} is larger than {limit >> 20} MB: it is not a file this tool wrote; "
+                       "check the path")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CNAError(f"{what} {str(path)!r} is not valid JSON ({error}): the file is damaged") from None
 
 
 @contextlib.contextmanager

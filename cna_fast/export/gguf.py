@@ -26,6 +26,7 @@ from ..models.gguf_files import file_digest
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
 _METADATA_PREFIX = "cna_fast."
+_PROVENANCE_KEYS = ("version", "multiplier", "source.sha256")  # written by _add_provenance into every export
 _NOT_FROM_GGUF = (
     "this model was not loaded from a GGUF file, so there is no GGUF to copy: export the folded checkpoint "
     "(cna export --format folded --out steered/), then convert it with llama.cpp's own converter "
@@ -49,15 +50,40 @@ def _source_of(model):
     return source
 
 
+def is_previous_export(path: str | os.PathLike) -> bool:
+    """True when `path` is a GGUF file this tool wrote (it carries the `cna_fast.*` provenance keys)."""
+    from ..models.gguf_files import is_gguf_file
+
+    if not Path(path).is_file() or not is_gguf_file(path):
+        return False
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+    except Exception:  # a damaged file is not a previous export
+        return False
+    return all(f"{_METADATA_PREFIX}{key}" in fields for key in _PROVENANCE_KEYS)
+
+
 def check_gguf_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a folder, a missing parent, or an existing file (unless forced), before any work is done."""
+    """Refuse a folder, a missing parent, or an existing file, before any work is done.
+
+    An existing file is replaced only with `force`, and only when it is a previous export of this
+    tool (a GGUF carrying the `cna_fast.*` provenance keys): --force never replaces another model.
+    """
     out = Path(out)
     if out.is_dir():
         raise CNAError(f"output {str(out)!r} is a folder: give a file name such as steered.gguf")
     if not out.absolute().parent.is_dir():
         raise CNAError(f"parent folder of {str(out)!r} does not exist: create it first")
-    if out.exists() and not force:
-        raise CNAError(f"output file {str(out)!r} exists: choose another name or pass force=True (--force)")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise CNAError(f"output file {str(out)!r} exists: choose another name, or pass force=True (--force) to "
+                           "replace a previous GGUF export")
+        if out.is_symlink() or not is_previous_export(out):
+            raise CNAError(f"output file {str(out)!r} exists and is not a GGUF export of cna_fast (it has no "
+                           f"{_METADATA_PREFIX}* provenance keys): --force only replaces previous exports; choose "
+                           "another name")
     return out
 
 
@@ -154,9 +180,9 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise CNAError(f"unknown GGUF tensor type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     source = _source_of(model)
-    out_path = check_gguf_output(out_path, force)
-    if out_path.exists() and out_path.resolve() == source.path.resolve():
+    if Path(out_path).exists() and Path(out_path).resolve() == source.path.resolve():
         raise CNAError(f"output {str(out_path)!r} is the source GGUF itself: write to another file")
+    out_path = check_gguf_output(out_path, force)
     circuit.validate(model)
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
@@ -178,6 +204,7 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
+        check_gguf_output(out_path, force)  # again, just before the replace: the file may have changed meanwhile
     return out_path
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import write_text_atomic
+from .._io import read_json, write_text_atomic
 from ..errors import CNAError
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,15 @@ def _stat_key(path: Path) -> dict:
 
 
 def _read_digests(memo: Path) -> dict:
+    """The digest memo (size-capped); a missing, damaged or foreign one is an empty memo (it only costs a re-hash)."""
     try:
-        return json.loads(memo.read_text())
-    except (OSError, ValueError):
+        digests = read_json(memo, "GGUF digest memo")
+    except CNAError:
         return {}
+    if not isinstance(digests, dict):
+        return {}
+    return {path: entry for path, entry in digests.items()
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)}
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -1,0 +1,182 @@
+"""Issue 18: no data loss, no wrong result on the newer surfaces (batch jobs, tune, GGUF, MoE circuits, adapter
+checks). One test per listed case; each failed on the code before the fix."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cna_fast import get_adapter, load_model
+from cna_fast.circuit import Circuit
+from cna_fast.cli import main
+from cna_fast.errors import CNAError
+from cna_fast.jobs import generate_to_file, sidecar_path
+from tests.tiny import build_tiny_model
+
+PROMPTS = ["zebra", "what is the capital of france", "bread and salt", "the quick brown fox"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Conversions go to a cache folder of the test's own, never the user's."""
+    monkeypatch.setenv("CNA_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def make_circuit(model, layers=(1, 2), neurons=(3, 5), **extra) -> Circuit:
+    n = len(layers)
+    values = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
+    return Circuit(layers=list(layers), neurons=list(neurons), scores=values.clone(), deltas=values.clone(),
+                   mean_positive=values.clone(), mean_negative=torch.zeros(n), std_positive=torch.ones(n),
+                   std_negative=torch.ones(n), meta={"architecture": get_adapter(model).architecture()}, **extra)
+
+
+@pytest.fixture
+def job(tokenizer, tmp_path):
+    """A tiny model, its circuit and a jsonl prompt file, for batch jobs."""
+    model = build_tiny_model("llama", len(tokenizer))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": text}) + "\n" for i, text in enumerate(PROMPTS)))
+    return model, make_circuit(model), prompts
+
+
+def run_job(job, tokenizer, out, **options):
+    model, circuit, prompts = job
+    return generate_to_file(model, tokenizer, options.pop("prompts", prompts), out, circuits={"c": circuit},
+                            max_new_tokens=3, batch_size=2, progress=False, **options)
+
+
+# ------------------------------------------------------------------ 1. nothing the user did not ask for is replaced
+
+
+def test_cli_job_sidecar_is_never_an_input(model_dir, tmp_path, capsys):
+    """`--circuit c=r.jsonl.job.json --out r.jsonl`: refused before any work, the circuit file kept."""
+    model, _ = load_model(model_dir)
+    circuit_file = tmp_path / "r.jsonl.job.json"
+    make_circuit(model).save(circuit_file)
+    before = circuit_file.read_bytes()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("zebra\n")
+    code = main(["generate", "--model", str(model_dir), "--circuit", f"c={circuit_file}", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "r.jsonl"), "--max-new-tokens", "2", "--quiet"])
+    assert code == 2 and "is the input --circuit c" in capsys.readouterr().err
+    assert circuit_file.read_bytes() == before
+
+
+def test_job_never_replaces_a_sidecar_it_did_not_write(job, tokenizer, tmp_path):
+    out = tmp_path / "r.jsonl"
+    sidecar_path(out).write_text("my notes\n")
+    with pytest.raises(CNAError, match="not written by `cna generate --out`"):
+        run_job(job, tokenizer, out)
+    assert sidecar_path(out).read_text() == "my notes\n"
+
+
+# ------------------------------------------------------------------ 2. resume judged by content
+
+
+def test_job_refuses_a_hand_edited_record(job, tokenizer, tmp_path):
+    out = tmp_path / "r.jsonl"
+    run_job(job, tokenizer, out)
+    lines = out.read_text().splitlines()
+    for edit in ({"id": 0}, {**json.loads(lines[0]), "finish_reason": "done"},
+                 {**json.loads(lines[0]), "circuit": "other"}, {**json.loads(lines[0]), "output_tokens": "3"}):
+        out.write_text("\n".join([json.dumps(edit), *lines[1:]]) + "\n")
+        with pytest.raises(CNAError, match="not a record of this job"):
+            run_job(job, tokenizer, out)
+    other = {**json.loads(lines[0]), "prompt": "a prompt of another job"}
+    out.write_text("\n".join([json.dumps(other), *lines[1:]]) + "\n")
+    with pytest.raises(CNAError, match="another prompt"):
+        run_job(job, tokenizer, out)
+
+
+def test_job_sidecar_with_settings_of_the_wrong_type(job, tokenizer, tmp_path, model_dir, capsys):
+    out = tmp_path / "r.jsonl"
+    run_job(job, tokenizer, out)
+    sidecar_path(out).write_text(json.dumps({"cna_fast_job": 1, "settings": []}))
+    with pytest.raises(CNAError, match="settings of type list"):
+        run_job(job, tokenizer, out)
+
+
+# ------------------------------------------------------------------ 4. overflow caught where applied
+
+
+def test_record_multiplier_overflow_names_line_and_dtype_and_is_skippable(job, tokenizer, tmp_path):
+    model, circuit, _ = job
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": text, **({"multiplier": 1e39} if i == 2 else {})})
+                               + "\n" for i, text in enumerate(PROMPTS)))
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(CNAError, match=r"q.jsonl:3: multiplier 1e\+39 overflows the model's dtype float32"):
+        run_job(job, tokenizer, out, prompts=prompts)
+    summary = run_job(job, tokenizer, out, prompts=prompts, skip_bad=True)
+    assert summary.written + summary.resumed == 3 and "float32" in summary.bad[0]
+    again = run_job(job, tokenizer, out, prompts=prompts, skip_bad=True)  # the resume is not blocked
+    assert again.written == 0 and again.resumed == 3
+
+
+# ------------------------------------------------------------------ 5. messages
+
+
+def test_job_circuit_field_that_is_a_list(job, tokenizer, tmp_path):
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"prompt": "zebra", "circuit": ["c"]}) + "\n")
+    with pytest.raises(CNAError, match="field circuit must be the name of one of the job's circuits"):
+        run_job(job, tokenizer, tmp_path / "r.jsonl", prompts=prompts)
+
+
+def test_generate_to_file_circuits_as_a_list(job, tokenizer, tmp_path):
+    model, circuit, prompts = job
+    with pytest.raises(CNAError, match="circuits must be a Circuit or a dict"):
+        generate_to_file(model, tokenizer, prompts, tmp_path / "r.jsonl", circuits=[circuit], progress=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory, tokenizer):
+    from tests.tiny_gguf import write_tiny_llama_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_llama_gguf(path, tokenizer)
+    return path
+
+
+def test_gguf_force_replaces_only_a_previous_export(gguf_path, tmp_path):
+    from cna_fast.export import export_gguf
+
+    model, _ = load_model(gguf_path)
+    circuit = make_circuit(model)
+    other = tmp_path / "other_model.gguf"
+    shutil.copy(gguf_path, other)  # a GGUF this tool did not write
+    before = other.read_bytes()
+    with pytest.raises(CNAError, match="not a GGUF export of cna_fast"):
+        export_gguf(model, circuit, 0.0, other, force=True)
+    assert other.read_bytes() == before
+    mine = tmp_path / "steered.gguf"
+    export_gguf(model, circuit, 0.0, mine)
+    export_gguf(model, circuit, 0.5, mine, force=True)  # a previous export is replaced
+    circuit.save(tmp_path / "c.safetensors")
+    assert main(["export", "--model", str(gguf_path), "--circuit", str(tmp_path / "c.safetensors"), "--multiplier",
+                 "0", "--format", "gguf", "--out", str(other), "--force"]) == 2
+    assert other.read_bytes() == before
+
+
+def test_new_output_inside_the_model_folder_is_refused(model_dir, tmp_path, capsys):
+    model, _ = load_model(model_dir)
+    make_circuit(model).save(tmp_path / "c.safetensors")
+    target = Path(model_dir) / "new-results.jsonl"
+    code = main(["generate", "--model", str(model_dir), "--circuit", str(tmp_path / "c.safetensors"), "--prompt",
+                 "zebra", "--out", str(target)])
+    assert code == 2 and "inside the --model folder" in capsys.readouterr().err and not target.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_judge_that_is_not_a_model_folder(command, model_dir, tmp_path, capsys):
+    model, _ = load_model(model_dir)
+    make_circuit(model).save(tmp_path / "c.safetensors")
+    (tmp_path / "p.txt").write_text("zebra\n")
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "notes.txt").write_text("not a model")
+    code = main([command, "--model", str(model_dir), "--circuit", str(tmp_path / "c.safetensors"), "--prompts",
+                 str(tmp_path / "p.txt"), "--judge", str(tmp_path / "judge"), "--quiet"])
+    assert code == 2 and "--judge" in capsys.readouterr().err
