@@ -45,7 +45,7 @@ def read_json(path: str | os.PathLike, what: str, limit: int = JSON_LIMIT) -> An
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise CNAError(f"{what} {str(path)!r} is not valid JSON ({error}): the file is damaged") from None
+        raise CNAError(f"cannot read {what} {str(path)!r}: not valid JSON ({error}); the file is damaged") from None
 
 
 @contextlib.contextmanager

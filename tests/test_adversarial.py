@@ -180,3 +180,101 @@ def test_judge_that_is_not_a_model_folder(command, model_dir, tmp_path, capsys):
     code = main([command, "--model", str(model_dir), "--circuit", str(tmp_path / "c.safetensors"), "--prompts",
                  str(tmp_path / "p.txt"), "--judge", str(tmp_path / "judge"), "--quiet"])
     assert code == 2 and "--judge" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ tune: inputs, statistics, messages
+
+TUNE = {"sizes": [4], "multipliers": [0.0], "scores": ["diff"], "max_new_tokens": 2, "rungs": 1, "progress": False}
+NEUTRAL = ["the history of rome began with a small village", "explain photosynthesis to a child in simple words"]
+
+
+@pytest.fixture
+def saved_stats(plain_tokenizer, tmp_path):
+    """Statistics saved by discover on tiny model A (seed 0)."""
+    from cna_fast import discover
+
+    model = build_tiny_model("llama", len(plain_tokenizer), seed=0)
+    path = tmp_path / "stats.safetensors"
+    discover(model, plain_tokenizer, ["zebra zebra", "a zebra and a fox"], ["bake bread", "the quick brown fox"],
+             top_k=4, save_stats=path, progress=False)
+    return path
+
+
+def test_tune_warns_on_statistics_of_other_weights(saved_stats, plain_tokenizer):
+    from cna_fast import tune
+    from cna_fast.errors import CircuitWeightsWarning
+    from cna_fast.stats import load_stats
+
+    other = build_tiny_model("llama", len(plain_tokenizer), seed=1)  # same shape, other weights
+    with pytest.warns(CircuitWeightsWarning, match="statistics were captured on"):
+        result = tune(other, plain_tokenizer, stats=load_stats(saved_stats), eval_prompts=["zebra"], neutral=NEUTRAL,
+                      **TUNE)
+    assert "statistics_model" in result.circuit.meta
+
+
+def test_tune_python_api_types_name_the_parameter(saved_stats, plain_tokenizer):
+    from cna_fast import tune
+    from cna_fast.stats import load_stats
+
+    model = build_tiny_model("llama", len(plain_tokenizer), seed=0)
+    stats = load_stats(saved_stats)
+    base = {**TUNE, "neutral": NEUTRAL}
+    for wrong, name in (({"scores": "diff"}, "scores"), ({"kl_budget": "0.1"}, "kl_budget"),
+                        ({"neutral": "some text"}, "neutral"), ({"multipliers": "0"}, "multipliers"),
+                        ({"sizes": 4}, "sizes"), ({"quality_floor": "0.9"}, "quality_floor")):
+        with pytest.raises(CNAError, match=rf"^{name} must be"):
+            tune(model, plain_tokenizer, stats=stats, eval_prompts=["zebra"], **{**base, **wrong})
+    with pytest.raises(CNAError, match="eval_prompts must be a list of strings"):
+        tune(model, plain_tokenizer, stats=stats, eval_prompts="zebra", **base)
+    with pytest.raises(CNAError, match="positive must be a list of strings"):
+        tune(model, plain_tokenizer, "zebra", ["fox"], eval_prompts=["zebra"], **base)
+
+
+def test_tune_single_token_neutral_texts_and_overflowing_multipliers(saved_stats, plain_tokenizer):
+    from cna_fast import tune
+    from cna_fast.stats import load_stats
+
+    model = build_tiny_model("llama", len(plain_tokenizer), seed=0)
+    stats = load_stats(saved_stats)
+    with pytest.raises(CNAError, match="single token"):
+        tune(model, plain_tokenizer, stats=stats, eval_prompts=["zebra"], **{**TUNE, "neutral": ["zebra", "fox"]})
+    with pytest.raises(CNAError, match=r"not finite in float32 \(its largest value is 3.403e\+38\)"):
+        tune(model, plain_tokenizer, stats=stats, eval_prompts=["zebra"], **{**TUNE, "neutral": NEUTRAL,
+                                                                             "multipliers": [1e39]})
+
+
+def test_cli_tune_messages(saved_stats, model_dir, tmp_path, capsys):
+    (tmp_path / "e.txt").write_text("zebra\n")
+    base = ["tune", "--model", str(model_dir), "--eval-prompts", str(tmp_path / "e.txt"), "--out",
+            str(tmp_path / "c.safetensors"), "--quiet"]
+    (tmp_path / "folder").mkdir()
+    assert main([*base, "--stats", str(tmp_path / "folder")]) == 2
+    err = capsys.readouterr().err
+    assert "statistics file" in err and "is a folder" in err
+    assert main([*base, "--stats", str(saved_stats), "--multipliers", "1e39"]) == 2
+    assert "float32" in capsys.readouterr().err
+
+
+def test_discover_excluding_every_layer(model_dir, prompt_files, tmp_path, capsys):
+    positive, negative = prompt_files
+    code = main(["discover", "--model", str(model_dir), "--positive", str(positive), "--negative", str(negative),
+                 "--out", str(tmp_path / "c.safetensors"), "--exclude-layers", "0,1,2,3", "--quiet"])
+    assert code == 2 and "every layer" in capsys.readouterr().err
+
+
+def test_moe_statistics_load_as_moe(plain_tokenizer, tmp_path):
+    """A --save-stats file of an MoE model is read back as MoE statistics (tune takes it; a dense model refuses it
+    by kind, not as 'not a statistics file')."""
+    from cna_fast import discover, tune
+    from cna_fast.stats import MoEStats, load_stats
+    from tests.tiny_moe import build_tiny_moe
+
+    moe = build_tiny_moe("qwen2_moe", len(plain_tokenizer))
+    path = tmp_path / "moe.safetensors"
+    discover(moe, plain_tokenizer, ["zebra zebra", "a zebra"], ["bake bread", "the fox"], top_k=4, save_stats=path,
+             progress=False)
+    stats = load_stats(path)
+    assert isinstance(stats, MoEStats)
+    dense = build_tiny_model("llama", len(plain_tokenizer))
+    with pytest.raises(CNAError, match="captured on|mixture-of-experts"):
+        tune(dense, plain_tokenizer, stats=stats, eval_prompts=["zebra"], neutral=NEUTRAL, **TUNE)
