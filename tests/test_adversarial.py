@@ -278,3 +278,29 @@ def test_moe_statistics_load_as_moe(plain_tokenizer, tmp_path):
     dense = build_tiny_model("llama", len(plain_tokenizer))
     with pytest.raises(CNAError, match="captured on|mixture-of-experts"):
         tune(dense, plain_tokenizer, stats=stats, eval_prompts=["zebra"], neutral=NEUTRAL, **TUNE)
+
+
+# ------------------------------------------------------------------ 3. bounded reads: circuit indices, experts
+
+
+@pytest.mark.parametrize("expert, message", [(1 << 40, "expert 1099511627776"), (-5, "expert -5"),
+                                              (999, "out of range")])
+def test_circuit_file_expert_indices_checked_on_load(plain_tokenizer, tmp_path, capsys, expert, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tests.tiny_moe import build_tiny_moe
+
+    moe = build_tiny_moe("qwen2_moe", len(plain_tokenizer))
+    architecture = get_adapter(moe).architecture()
+    layer = architecture["experts"]["layers"][0]
+    good = tmp_path / "good.safetensors"
+    make_circuit(moe, layers=[layer, layer], neurons=[1, 2], experts=torch.tensor([0, -1])).save(good)
+    with safe_open(str(good), framework="pt") as handle:
+        tensors, header = {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata()
+    tensors["experts"] = torch.tensor([expert, -1])
+    crafted = tmp_path / "crafted.safetensors"
+    save_file(tensors, str(crafted), metadata=header)
+    with pytest.raises(CNAError, match=message):
+        Circuit.load(crafted)
+    assert main(["inspect", str(crafted)]) == 2 and message in capsys.readouterr().err
