@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,3 +305,52 @@ def test_circuit_file_expert_indices_checked_on_load(plain_tokenizer, tmp_path, 
     with pytest.raises(CNAError, match=message):
         Circuit.load(crafted)
     assert main(["inspect", str(crafted)]) == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 3. GGUF metadata against the tensor table
+
+
+def rewritten_gguf(source: Path, target: Path, keys: dict | None = None, tensors: dict | None = None) -> Path:
+    """A copy of `source` with some metadata keys (name -> int) and tensors (name -> float32 array) replaced."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(source)
+    writer = GGUFWriter(target, arch=str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if keys and field.name in keys:
+            writer.add_uint32(field.name, keys[field.name])
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensors and tensor.name in tensors:
+            writer.add_tensor(tensor.name, tensors[tensor.name])
+        else:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+@pytest.mark.parametrize("keys, tensors, message", [
+    ({"llama.block_count": 100000}, None, "block_count"),
+    ({"llama.embedding_length": 80}, None, "embedding_length"),
+    ({"llama.feed_forward_length": 128}, None, "ffn_down"),
+    (None, {"blk.1.ffn_down.weight": np.zeros((64, 80), dtype=np.float32)}, "ffn_down"),
+])
+def test_gguf_metadata_that_disagrees_with_the_tensors(gguf_path, tmp_path, keys, tensors, message):
+    import time
+
+    from cna_fast.models.gguf_files import cache_dir
+
+    crafted = rewritten_gguf(gguf_path, tmp_path / "crafted.gguf", keys, tensors)
+    started = time.monotonic()
+    with pytest.raises(CNAError, match=message):
+        load_model(crafted)
+    assert time.monotonic() - started < 5
+    assert not [p for p in cache_dir().glob("gguf-*") if p.is_dir()]  # nothing converted, nothing cached
