@@ -354,3 +354,28 @@ def test_gguf_metadata_that_disagrees_with_the_tensors(gguf_path, tmp_path, keys
         load_model(crafted)
     assert time.monotonic() - started < 5
     assert not [p for p in cache_dir().glob("gguf-*") if p.is_dir()]  # nothing converted, nothing cached
+
+
+# ------------------------------------------------------------------ 4. overflow in the GGUF export
+
+
+def test_gguf_export_overflow_checks_the_written_type(gguf_path, tmp_path):
+    from gguf import GGUFReader, quants
+
+    from cna_fast.export import export_gguf
+
+    model, _ = load_model(gguf_path)
+    circuit = make_circuit(model)
+    with pytest.raises(CNAError, match="use --gguf-type F32 or BF16"):
+        export_gguf(model, circuit, 1e39, tmp_path / "a.gguf", gguf_type="F16")
+    for kind in ("F16", "F32", "BF16", "Q8_0"):
+        with pytest.raises(CNAError, match="no GGUF type holds them"):
+            export_gguf(model, circuit, 1e50, tmp_path / "a.gguf", gguf_type=kind)
+    for kind in ("F32", "BF16"):  # what the old message suggested for 1e39: they wrote infinities
+        export_gguf(model, circuit, 1e39, tmp_path / f"{kind}.gguf", gguf_type=kind)
+        for tensor in GGUFReader(tmp_path / f"{kind}.gguf").tensors:
+            if tensor.name.endswith("ffn_down.weight"):
+                values = quants.dequantize(tensor.data, tensor.tensor_type)
+                assert np.isfinite(np.asarray(values, dtype=np.float32)).all()
+    assert not (tmp_path / "a.gguf").exists()
+    assert not (tmp_path / "b.gguf").exists()

@@ -12,6 +12,7 @@ permutes the rows of attn_q and attn_k only; ffn_down is stored unpermuted.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -97,6 +98,23 @@ def _down_tensor(tensors: dict, layer: int):
     raise CNAError(f"the GGUF has no tensor {name!r}: its architecture is not one the GGUF export knows")
 
 
+# The largest magnitude each written type holds (Q8_0: 127 x its float16 block scale).
+_LARGEST = {"F32": float(np.finfo(np.float32).max), "F16": 65504.0, "BF16": 3.3895313892515355e38,
+            "Q8_0": 65504.0 * 127}
+
+
+def _check_fits(name: str, columns: np.ndarray, gguf_type: str, multiplier: float) -> None:
+    """Refuse scaled weights that are not finite in `gguf_type`; suggest only the types that do hold them."""
+    largest = float(np.abs(columns).max()) if columns.size else 0.0
+    if math.isfinite(largest) and largest <= _LARGEST[gguf_type]:
+        return
+    fitting = [kind for kind in GGUF_TYPES if math.isfinite(largest) and largest <= _LARGEST[kind]]
+    way_out = (f"use --gguf-type {' or '.join(fitting)}" if fitting
+               else "no GGUF type holds them: use a smaller --multiplier")
+    raise CNAError(f"{name} scaled by multiplier {multiplier:g} reaches |w| = {largest:.4g}, beyond {gguf_type}'s "
+                   f"largest value {_LARGEST[gguf_type]:.4g} (it would be written as infinity): {way_out}")
+
+
 def _requantize(weight: np.ndarray, gguf_type: str) -> np.ndarray:
     """`weight` (float32 [out, in]) in the storage of `gguf_type`, as GGUFWriter takes it."""
     from gguf import GGMLQuantizationType, quants
@@ -132,8 +150,10 @@ def scaled_down_weights(reader, by_layer: dict, multiplier: float, widths: list[
         if weight.ndim != 2 or weight.shape[1] != widths[layer]:
             raise CNAError(f"{tensor.name} has shape {tuple(weight.shape)}, expected [hidden, {widths[layer]}]: "
                            "this GGUF does not match the model the circuit was validated on")
-        weight[:, neurons.numpy()] *= np.float32(multiplier)
         written = gguf_type or default_gguf_type(source_type)
+        columns = weight[:, neurons.numpy()].astype(np.float64) * multiplier
+        _check_fits(tensor.name, columns, written, multiplier)
+        weight[:, neurons.numpy()] = columns.astype(np.float32)
         replaced[tensor.name] = (_requantize(weight, written), written)
     return replaced
 
