@@ -68,18 +68,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[dict[str, Path]]:
+def atomic_outputs(paths: Iterable[str | os.PathLike | None], done: list | None = None) -> Iterator[dict[str, Path]]:
     """Write a set of files all or nothing: yield {path: temporary path}; move them all in place at the end.
 
     A failure (a full disk on the last file) or Ctrl-C leaves none of the new files, so a command
-    never stops with a partial output set. None entries (outputs not asked for) are skipped.
+    never stops with a partial output set: Ctrl-C is held back while the files are moved in place
+    (and delivered just after). None entries (outputs not asked for) are skipped. `done`, if given,
+    receives the paths once all of them are in place.
     """
     with contextlib.ExitStack() as stack:
         temporaries = {str(path): stack.enter_context(_kept_temporary(Path(path))) for path in paths if path}
         yield temporaries
-        for path, tmp in temporaries.items():
-            if tmp.exists():
-                os.replace(tmp, path)
+        with _interrupts_held():
+            for path, tmp in temporaries.items():
+                if tmp.exists():
+                    os.replace(tmp, path)
+            if done is not None:
+                done.extend(temporaries)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT back (POSIX, main thread) for a few renames that must happen all together."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager

@@ -379,3 +379,72 @@ def test_gguf_export_overflow_checks_the_written_type(gguf_path, tmp_path):
                 assert np.isfinite(np.asarray(values, dtype=np.float32)).all()
     assert not (tmp_path / "a.gguf").exists()
     assert not (tmp_path / "b.gguf").exists()
+
+
+# ------------------------------------------------------------------ 5. messages tell the truth
+
+
+def test_ctrl_c_in_a_batch_job_says_what_was_kept(model_dir, tmp_path, capsys):
+    import _thread
+    import threading
+    import time
+
+    model, _ = load_model(model_dir)
+    make_circuit(model).save(tmp_path / "c.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt number {i} about zebras\n" for i in range(400)))
+    out = tmp_path / "r.jsonl"
+
+    def interrupt_after_two_records():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if out.exists() and out.read_bytes().count(b"\n") >= 2:
+                _thread.interrupt_main()
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=interrupt_after_two_records, daemon=True)
+    watcher.start()
+    code = main(["generate", "--model", str(model_dir), "--circuit", str(tmp_path / "c.safetensors"), "--prompts",
+                 str(prompts), "--out", str(out), "--max-new-tokens", "8", "--batch-size", "1", "--quiet"])
+    watcher.join()
+    err = capsys.readouterr().err
+    kept = out.read_bytes().count(b"\n")
+    assert code == 130 and "no partial output" not in err
+    assert f"the {kept} records already in {out} are kept" in err and "rerun the same command to resume" in err
+
+
+def test_outputs_all_or_none_when_the_plot_is_interrupted(tmp_path):
+    from cna_fast.cli.commands import _write_all
+
+    def plot(path):
+        raise KeyboardInterrupt
+
+    paths = [tmp_path / name for name in ("c.safetensors", "t.csv", "t.json", "t.png")]
+    with pytest.raises(KeyboardInterrupt):
+        _write_all([(paths[0], lambda p: Path(p).write_text("c")), (paths[1], lambda p: Path(p).write_text("csv")),
+                    (paths[2], lambda p: Path(p).write_text("{}")), (paths[3], plot)])
+    assert not any(path.exists() for path in paths) and list(tmp_path.iterdir()) == []
+
+
+def test_check_vllm_adapter_returns_problems_never_raises(tmp_path):
+    from safetensors.torch import save_file
+
+    from cna_fast.export import check_vllm_adapter
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    base = {"r": 2, "lora_alpha": 2, "target_modules": ["down_proj"], "peft_type": "LORA"}
+    weights = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(2, 8),
+               "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(4, 2)}
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    cases = [({**base, "rank_pattern": [3]}, "rank_pattern"), ({**base, "rank_pattern": {"x": "4"}}, "rank_pattern"),
+             ([base], "not an object"), ({**base, "lora_alpha": float("nan")}, "lora_alpha")]
+    for config, problem in cases:
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        result = check_vllm_adapter(folder)
+        assert any(problem in text for text in result.problems), (config, result.problems)
+    (folder / "adapter_config.json").write_text(json.dumps(base))
+    assert check_vllm_adapter(folder).problems == []
+    (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    assert any("cannot be read" in text for text in check_vllm_adapter(folder).problems)
