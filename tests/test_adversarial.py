@@ -448,3 +448,34 @@ def test_check_vllm_adapter_returns_problems_never_raises(tmp_path):
     assert check_vllm_adapter(folder).problems == []
     (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{corrupt")
     assert any("cannot be read" in text for text in check_vllm_adapter(folder).problems)
+
+
+# ------------------------------------------------------------------ 3. generation within the model's context
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    from tests.tiny import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = build_tokenizer()
+    build_tiny_model("gpt2", len(tokenizer)).save_pretrained(folder)  # n_positions 256
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_generate_past_the_context_is_refused(gpt2_dir, tmp_path, capsys):
+    model, _ = load_model(gpt2_dir)
+    make_circuit(model).save(tmp_path / "c.safetensors")
+    base = ["generate", "--model", str(gpt2_dir), "--circuit", str(tmp_path / "c.safetensors"), "--quiet"]
+    assert main([*base, "--prompt", "zebra", "--max-new-tokens", "300"]) == 2
+    assert "context of 256 tokens" in capsys.readouterr().err
+    long_line = "zebra stripes " * 150_000  # 2 MB
+    (tmp_path / "p.txt").write_text(f"{long_line}\nzebra\n")
+    assert main([*base, "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "4"]) == 2
+    assert "context of 256 tokens" in capsys.readouterr().err
+    out = tmp_path / "r.jsonl"
+    assert main([*base, "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "4", "--out", str(out)]) == 2
+    assert main([*base, "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "4", "--out", str(out),
+                 "--skip-bad"]) == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["zebra"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import encode_prompts, pad_token_id, windows
+from ..batching import encode_prompts, generation_overflow, pad_token_id, windows
 from ..circuit import Circuit, as_multiplier
 from ..errors import CNAError, positive_int
 from ..prompts import PromptRecord, PromptSource
@@ -155,12 +155,22 @@ def record_seed(seed: int, record_id: int | str) -> int:
 
 
 def _requests(records: Iterator[JobRecord], tokenizer, circuits: _Circuits, window: int,
-              generation: GenerationSettings) -> Iterator[Request]:
-    """Requests in windows of `window` records, each window sorted by prompt length (less padding per prefill)."""
+              generation: GenerationSettings, model: nn.Module, source: PromptSource, bad: list[str]
+              ) -> Iterator[Request]:
+    """Requests in windows of `window` records, each window sorted by prompt length (less padding per prefill).
+
+    A record whose prompt and answer do not fit the model's context is refused (skipped and listed with skip_bad)."""
     for chunk in windows(records, window):
         encoded = encode_prompts(tokenizer, [record.prompt for record in chunk], generation.chat_template)
         for index in sorted(range(len(chunk)), key=lambda i: len(encoded[i])):
             record = chunk[index]
+            overflow = generation_overflow(model, len(encoded[index]), generation.max_new_tokens)
+            if overflow:
+                if not source.skip_bad:
+                    raise CNAError(f"{source.spec}: record {record.id!r}: {overflow} (or pass --skip-bad / "
+                                   "skip_bad=True)")
+                bad.append(f"{source.spec}: record {record.id!r}: {overflow}")
+                continue
             generator = (torch.Generator().manual_seed(record_seed(generation.seed or 0, record.id))
                          if generation.do_sample else None)
             yield Request(record, encoded[index], circuits.table_row(record), generator)
@@ -249,7 +259,7 @@ def generate_to_file(model: nn.Module, tokenizer, prompts: str | os.PathLike | P
     summary, bad, started = JobSummary(resumed=len(output.done)), [], time.monotonic()
     try:
         records = _not_done(job_records(source, circuits, bad), output)
-        requests = _requests(records, tokenizer, circuits, window, generation)
+        requests = _requests(records, tokenizer, circuits, window, generation, model, source, bad)
         with tqdm(desc="generate", unit="rec", disable=not progress) as bar:
             for completion in batcher.run(requests):
                 output.write(_line(completion, tokenizer))
