@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,29 @@ from typing import Any
 from .errors import CNAError
 
 _LEFTOVER_SUFFIXES = (".tmp", ".staging", ".old")
+JSON_LIMIT = 16 << 20  # every JSON file the tool reads (sidecars, configs, memos) is a few KB
+
+
+def read_json(path: str | os.PathLike, what: str, limit: int = JSON_LIMIT) -> Any:
+    """The JSON value in the file `path`, read with a size cap; a CNAError naming `what` when it cannot be read.
+
+    The size is checked on the open file (not before opening it), and at most `limit` + 1 bytes are read,
+    so a huge or growing file, a FIFO or a device never makes the tool read without bound.
+    """
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CNAError(f"{what} {str(path)!r} is not a regular file: check the path")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as error:
+        raise CNAError(f"cannot read {what} {str(path)!r}: {error.strerror or error}") from None
+    if len(data) > limit:
+        raise CNAError(f"{what} {str(path)!r} is larger than {limit >> 20} MB: it is not a file this tool wrote; "
+                       "check the path")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CNAError(f"cannot read {what} {str(path)!r}: not valid JSON ({error}); the file is damaged") from None
 
 
 @contextlib.contextmanager
@@ -44,18 +68,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_outputs(paths: Iterable[str | os.PathLike | None]) -> Iterator[dict[str, Path]]:
+def atomic_outputs(paths: Iterable[str | os.PathLike | None], done: list | None = None) -> Iterator[dict[str, Path]]:
     """Write a set of files all or nothing: yield {path: temporary path}; move them all in place at the end.
 
     A failure (a full disk on the last file) or Ctrl-C leaves none of the new files, so a command
-    never stops with a partial output set. None entries (outputs not asked for) are skipped.
+    never stops with a partial output set: Ctrl-C is held back while the files are moved in place
+    (and delivered just after). None entries (outputs not asked for) are skipped. `done`, if given,
+    receives the paths once all of them are in place.
     """
     with contextlib.ExitStack() as stack:
         temporaries = {str(path): stack.enter_context(_kept_temporary(Path(path))) for path in paths if path}
         yield temporaries
-        for path, tmp in temporaries.items():
-            if tmp.exists():
-                os.replace(tmp, path)
+        with _interrupts_held():
+            for path, tmp in temporaries.items():
+                if tmp.exists():
+                    os.replace(tmp, path)
+            if done is not None:
+                done.extend(temporaries)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT back (POSIX, main thread) for a few renames that must happen all together."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager

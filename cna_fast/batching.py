@@ -200,6 +200,18 @@ def context_length(model) -> int | None:
     return None
 
 
+def generation_overflow(model, prompt_tokens: int, max_new_tokens: int) -> str | None:
+    """Why a prompt of `prompt_tokens` tokens cannot get `max_new_tokens` more within the model's context, or None.
+
+    Generation refuses such a prompt (it does not truncate it: cutting a prompt changes what is asked).
+    """
+    context = context_length(model)
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return None
+    return (f"the prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, more than the model's "
+            f"context of {context} tokens: shorten the prompt or lower max_new_tokens (--max-new-tokens)")
+
+
 class LengthLimit:
     """Applies a token limit to encoded prompts: truncate (keep the shared prefix and the end) or refuse."""
 

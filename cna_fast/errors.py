@@ -36,3 +36,33 @@ def one_of(value: object, choices: tuple, what: str, meanings: str = "") -> obje
         hint = f" ({meanings})" if meanings else ""
         raise CNAError(f"unknown {what} {value!r}: choose one of {', '.join(map(str, choices))}{hint}")
     return value
+
+
+def text_list(value: object, name: str) -> list[str]:
+    """`value` as a list of strings: a list (or other iterable) of text, never one string (which would be iterated
+    as single characters)."""
+    if isinstance(value, (str, bytes)):
+        raise CNAError(f"{name} must be a list of strings, got one string {value[:60]!r} (it would be read as single "
+                       f"characters): pass [{value[:30]!r}]")
+    if isinstance(value, numbers.Number) or not hasattr(value, "__iter__"):
+        raise CNAError(f"{name} must be a list of strings, got {type(value).__name__} {value!r}")
+    items = list(value)
+    bad = next((item for item in items if not isinstance(item, str)), None)
+    if bad is not None:
+        raise CNAError(f"{name} must be a list of strings, but it holds {type(bad).__name__} {bad!r}")
+    return items
+
+
+def real_number(value: object, name: str) -> float:
+    """`value` as a float if it is a real number (not text, not a bool)."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise CNAError(f"{name} must be a number, got {type(value).__name__} {value!r}"
+                       + (f": pass {name}={value.strip()}" if isinstance(value, str) else ""))
+    return float(value)
+
+
+def number_list(value: object, name: str) -> list[float]:
+    """`value` as a list of floats: a list of real numbers, never a string or a single number."""
+    if isinstance(value, (str, bytes, numbers.Number)) or not hasattr(value, "__iter__"):
+        raise CNAError(f"{name} must be a list of numbers like [0, 0.5], got {type(value).__name__} {value!r}")
+    return [real_number(item, f"each of {name}") for item in value]

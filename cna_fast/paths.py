@@ -6,9 +6,7 @@ replaces only a previous export (a folder holding the provenance file `EXPORT_MA
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
 import shutil
 import stat
@@ -16,7 +14,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ._io import apply_umask, remove_leftovers, staging_prefix
+from ._io import apply_umask, read_json, remove_leftovers, staging_prefix
 from .errors import CNAError
 
 EXPORT_MARKER = "cna_fast_steering.json"
@@ -97,9 +95,10 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
             if target == source:
                 raise CNAError(f"{label} {str(path)!r} is the input {source_label}: writing it would destroy the "
                                "input; choose another output name")
-            if source.is_dir() and source in target.parents and target.exists():
-                raise CNAError(f"{label} {str(path)!r} would replace a file inside the {source_label} folder "
-                               f"{str(source)!r}: write it elsewhere")
+            if source.is_dir() and source in target.parents:
+                what = "would replace a file" if target.exists() else "would write a file"
+                raise CNAError(f"{label} {str(path)!r} {what} inside the {source_label} folder {str(source)!r}: an "
+                               "input folder is never written to; write it elsewhere")
         if target.exists() and not target.is_file():
             raise CNAError(f"{label} {str(path)!r} {describe_kind(target)}: give a file name such as "
                            "circuit.safetensors")
@@ -208,7 +207,7 @@ class OutputFolder:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def check_model_folder(name: str | os.PathLike | None) -> None:
+def check_model_folder(name: str | os.PathLike | None, label: str = "model folder") -> None:
     """A local model folder must hold a readable config.json naming a model type transformers knows."""
     if name is None:
         return
@@ -220,15 +219,12 @@ def check_model_folder(name: str | os.PathLike | None) -> None:
         return  # a GGUF model folder: its loader reads the configuration from the GGUF file
     if not config.is_file():
         contents = "is empty" if not any(folder.iterdir()) else "has no config.json"
-        raise CNAError(f"model folder {str(name)!r} {contents}: pass a Hugging Face model folder (config.json, "
+        raise CNAError(f"{label} {str(name)!r} {contents}: pass a Hugging Face model folder (config.json, "
                        "weights, tokenizer files)")
-    with contextlib.suppress(OSError):
-        if config.stat().st_size > _CONFIG_LIMIT:
-            raise CNAError(f"{str(config)!r} is larger than {_CONFIG_LIMIT >> 20} MB: not a model configuration")
     try:
-        settings = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise CNAError(f"cannot read {str(config)!r}: {error}; the model folder is damaged") from None
+        settings = read_json(config, "model configuration", _CONFIG_LIMIT)
+    except CNAError as error:
+        raise CNAError(f"{error}; the model folder {str(name)!r} is damaged or not a model") from None
     model_type = settings.get("model_type") if isinstance(settings, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise CNAError(f"{str(config)!r} names no model_type: the model folder is damaged or not a transformers "

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import CNAError
@@ -162,10 +163,23 @@ class PromptSource:
                 number, f"no column {self.column!r} (columns: {', '.join(record)})"), dict(record)
 
     def content_hash(self) -> str:
-        """SHA-256 of the file's bytes (or the dataset spec), to tie checkpoints to their inputs."""
-        if self.path is None:
-            return hashlib.sha256(self.spec.encode()).hexdigest()
+        """SHA-256 of the prompts' content, to tie checkpoints and resumed jobs to their inputs: a file's bytes;
+        for `hf:` sources the spec and the dataset folder's files (a save_to_disk folder), or else every record
+        of the dataset as it is read now (a rewritten or updated dataset gets a new hash)."""
         digest = hashlib.sha256()
+        if self.path is None:
+            digest.update(self.spec.encode())
+            if os.path.isdir(self.dataset):
+                root = Path(self.dataset)
+                for file in sorted(p for p in root.rglob("*") if p.is_file()):
+                    digest.update(b"\0" + str(file.relative_to(root)).encode() + b"\0")
+                    with open(file, "rb") as handle:
+                        for block in iter(lambda: handle.read(1 << 20), b""):
+                            digest.update(block)
+            else:
+                for number, prompt, fields in self._dataset_records():
+                    digest.update(json.dumps([number, str(prompt), sorted(fields)], default=str).encode())
+            return digest.hexdigest()
         with open(self.path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

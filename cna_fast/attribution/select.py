@@ -73,6 +73,9 @@ def resolve_top_k(top_k: int | None, top_frac: float | None, total_neurons: int,
         frac = validate_top_frac(DEFAULT_TOP_FRAC if top_frac is None else top_frac)
         top_k = max(1, round(frac * total_neurons))
     top_k = positive_int(top_k, "top_k")
+    if eligible < 1:
+        raise CNAError("no neuron can be selected: every layer is excluded (exclude_layers / --exclude-layers); leave "
+                       "at least one layer")
     if top_k > eligible:
         raise CNAError(f"top_k={top_k} is more than the {eligible} neurons that can be selected "
                        f"(the model has {total_neurons} MLP neurons); choose a smaller top_k")

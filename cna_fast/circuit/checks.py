@@ -15,6 +15,7 @@ from ..errors import CircuitMismatchError, CNAError
 
 MAX_LAYERS = 4096  # the deepest models have ~130 layers
 MAX_WIDTH = 1 << 24  # the widest MLPs have ~10^5 neurons per layer
+MAX_EXPERTS = 1 << 16  # the most routed experts per layer in use are ~10^3
 INDEX_FIELDS = ("layers", "neurons")
 PER_NEURON = ("scores", "deltas", "mean_positive", "mean_negative", "std_positive", "std_negative")
 CAA_FIELDS = ("caa_layers", "caa_directions")
@@ -157,7 +158,7 @@ def check_circuit(circuit) -> None:
     if circuit.neurons.shape != (size,):
         raise CNAError(f"circuit has {size} layer entries but {circuit.neurons.numel()} neuron entries")
     if circuit.experts is not None:
-        circuit.experts = torch.as_tensor(circuit.experts, dtype=torch.int64).cpu()
+        circuit.experts = _expert_tensor(circuit.experts)
         if circuit.experts.shape != (size,):
             raise CNAError(f"circuit has {size} layer entries but {circuit.experts.numel()} expert entries")
     for name in PER_NEURON:
@@ -166,6 +167,7 @@ def check_circuit(circuit) -> None:
     ordinary = ~circuit.routed
     check_neurons(circuit.layers[ordinary], circuit.neurons[ordinary], architecture)
     if circuit.routed.any():
+        _check_routed_range(circuit, architecture)
         _check_routed_unique(circuit)
     check_scores(circuit)
     if (circuit.caa_layers is None) != (circuit.caa_directions is None):
@@ -173,6 +175,44 @@ def check_circuit(circuit) -> None:
     if circuit.caa_layers is not None:
         circuit.caa_layers = index_tensor("caa_layers", circuit.caa_layers)
         circuit.caa_directions = check_caa(circuit.caa_layers, circuit.caa_directions, architecture)
+
+
+def _expert_tensor(value: Any) -> torch.Tensor:
+    """Expert indices: 1-D integers, -1 for an ordinary neuron, else 0..MAX_EXPERTS-1."""
+    tensor = torch.as_tensor(value).detach().cpu()
+    if tensor.numel() and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
+        raise CNAError(f"circuit field experts must hold integers, got {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise CNAError(f"circuit field experts must be one-dimensional, got shape {list(tensor.shape)}")
+    tensor = tensor.to(torch.int64)
+    if tensor.numel() and (int(tensor.min()) < -1 or int(tensor.max()) >= MAX_EXPERTS):
+        bad = int(tensor.min()) if int(tensor.min()) < -1 else int(tensor.max())
+        raise CNAError(f"circuit field experts holds expert {bad}: an expert index is -1 (an ordinary neuron) or "
+                       f"0..{MAX_EXPERTS - 1}; the file is damaged")
+    return tensor
+
+
+def _check_routed_range(circuit, architecture: Mapping[str, Any]) -> None:
+    """Routed neurons within the recorded experts (layers, expert count, expert width), or the global bounds."""
+    experts = architecture.get("experts") if architecture else None
+    routed = circuit.routed
+    layers, expert_ids, neurons = circuit.layers[routed], circuit.experts[routed], circuit.neurons[routed]
+    if experts is None:
+        if int(layers.max()) >= MAX_LAYERS or int(neurons.max()) >= MAX_WIDTH:
+            raise CNAError("circuit routed neuron index out of range: the file is damaged")
+        return
+    if not isinstance(experts, Mapping):
+        raise CNAError(f"circuit architecture experts must be an object, got {type(experts).__name__}")
+    count = _count(experts.get("num_experts"), "experts.num_experts", MAX_EXPERTS)
+    width = _count(experts.get("width"), "experts.width", MAX_WIDTH)
+    moe_layers = experts.get("layers")
+    if not isinstance(moe_layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in moe_layers):
+        raise CNAError(f"circuit architecture experts.layers must be a list of layer numbers, got {moe_layers!r}")
+    for layer, expert, neuron in zip(layers.tolist(), expert_ids.tolist(), neurons.tolist()):
+        if layer not in moe_layers or expert >= count or neuron >= width:
+            raise CircuitMismatchError(
+                f"circuit routed neuron (layer {layer}, expert {expert}, index {neuron}) is out of range: the model "
+                f"it was found on has MoE layers {moe_layers}, {count} experts x {width} neurons; the file is damaged")
 
 
 def _check_routed_unique(circuit) -> None:

@@ -92,12 +92,23 @@ def _save(circuit, out: str | None, as_json: str | None = None, as_csv: str | No
     _write_all([(out, circuit.save), (as_json, circuit.to_json), (as_csv, circuit.to_csv)])
 
 
+_INTERRUPTED = "interrupted; no partial output was written"
+_interrupt_note: list[str] = []  # what a Ctrl-C leaves behind, when it is not "nothing" (set by the handlers)
+
+
 def _write_all(writers) -> None:
     """Write every (path, writer) whose path is given, all of them or none; then say so."""
-    with atomic_outputs(path for path, _ in writers) as temporary:
-        for path, write in writers:
-            if path:
-                write(temporary[str(path)])
+    done: list[str] = []
+    try:
+        with atomic_outputs((path for path, _ in writers), done) as temporary:
+            for path, write in writers:
+                if path:
+                    write(temporary[str(path)])
+    except KeyboardInterrupt:
+        if done:
+            _interrupt_note.append(f"interrupted just after writing all of its outputs ({', '.join(done)}); they are "
+                                   "complete")
+        raise
     for path, _ in writers:
         if path:
             print(f"wrote {path}")
@@ -171,18 +182,35 @@ def _run_generate_job(args, named: dict[str, str]) -> None:
     source = open_prompt_source(args.prompts, skip_bad=args.skip_bad)
     circuits = {name: _load_circuit(path, args.model) for name, path in named.items()}
     multiplier = next(iter(circuits.values())).recorded_multiplier(args.multiplier, 0.0)
-    if args.server is not None:
-        summary = generate_on_server(args.server, load_tokenizer(args.model), source, args.out, circuits=circuits,
-                                     multiplier=multiplier, generation=generation, concurrency=args.concurrency,
-                                     progress=not args.quiet)
-    else:
-        model, tokenizer = _load_model(args)
-        summary = generate_to_file(model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
-                                   generation=generation, progress=not args.quiet)
+    try:
+        if args.server is not None:
+            summary = generate_on_server(args.server, load_tokenizer(args.model), source, args.out,
+                                         circuits=circuits, multiplier=multiplier, generation=generation,
+                                         concurrency=args.concurrency, progress=not args.quiet)
+        else:
+            model, tokenizer = _load_model(args)
+            summary = generate_to_file(model, tokenizer, source, args.out, circuits=circuits, multiplier=multiplier,
+                                       generation=generation, progress=not args.quiet)
+    except KeyboardInterrupt:
+        _interrupt_note.append(_job_interrupted(args.out))
+        raise
     if summary.bad:
         print(f"skipped {len(summary.bad)} bad records (first: {summary.bad[0]})", file=sys.stderr)
     print(f"wrote {summary.written} records ({summary.new_tokens} new tokens) to {args.out} in {summary.seconds:.1f}s; "
           f"{summary.resumed} were already there", file=sys.stderr)
+
+
+def _job_interrupted(out: str) -> str:
+    """What an interrupted batch job kept: its whole records, and how to resume."""
+    try:
+        with open(out, "rb") as handle:
+            kept = sum(1 for line in handle if line.endswith(b"\n"))
+    except OSError:
+        kept = 0
+    if not kept:
+        return "interrupted; no record was written"
+    return (f"interrupted; the {kept} records already in {out} are kept (each is whole); rerun the same command to "
+            "resume where it stopped")
 
 
 def run_generate(args) -> None:
@@ -410,13 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"discover": run_discover, "inspect": run_inspect, "generate": run_generate, "sweep": run_sweep,
                 "export": run_export, "eval": run_eval, "demo": run_demo, "tune": run_tune}
     code, message = 0, None
+    _interrupt_note.clear()
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             check_command_paths(args)
             handlers[args.command](args)
         except KeyboardInterrupt:
-            code, message = EXIT_INTERRUPTED, "interrupted; no partial output was written"
+            code, message = EXIT_INTERRUPTED, (_interrupt_note[-1] if _interrupt_note else _INTERRUPTED)
         except Exception as error:  # the exit policy: every failure becomes one line and an exit code
             if os.environ.get("CNA_FAST_DEBUG"):
                 raise

@@ -102,6 +102,10 @@ def check_command_paths(args) -> None:
         outputs["--checkpoint"] = _checkpoint(args)
     if args.command == "export" and args.format == "gguf":
         outputs["--out"] = args.out  # a file, checked like every other output
+    if args.command == "generate" and args.out:
+        from ..jobs import sidecar_path
+
+        outputs["--out's job settings file"] = str(sidecar_path(args.out))  # written beside it: held to the same rules
     inputs = {(f"--{name}" if name != "circuit" or args.command != "inspect" else "circuit"): getattr(args, name)
               for name in _INPUTS.get(args.command, ()) if getattr(args, name, None)}
     if isinstance(inputs.get("--circuit"), list):  # cna generate: --circuit [NAME=]PATH, repeated
@@ -110,6 +114,9 @@ def check_command_paths(args) -> None:
     if args.command != "inspect":
         inputs["--model"] = _model_input(args)
         check_model_folder(getattr(args, "model", None))
+    if getattr(args, "judge", None):
+        inputs["--judge"] = args.judge
+        check_model_folder(args.judge, "--judge")
     check_outputs(outputs, inputs)
     if args.command == "discover":
         check_distinct_inputs(("--positive", args.positive), ("--negative", args.negative))

@@ -104,7 +104,10 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser, 16)
-    parser.add_argument("--max-new-tokens", type=_positive, default=64)
+    parser.add_argument("--max-new-tokens", type=_positive, default=64,
+                        help="new tokens per answer (default 64); a prompt whose tokens plus these exceed the "
+                             "model's context is refused with exit 2 (a batch job with --skip-bad skips it), never "
+                             "truncated")
     parser.add_argument("--positions", choices=POSITION_MODES, default="all",
                         help="which tokens are steered (default: prompt and generated)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

@@ -12,6 +12,7 @@ permutes the rows of attn_q and attn_k only; ffn_down is stored unpermuted.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..models.gguf_files import file_digest
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0")
 _METADATA_PREFIX = "cna_fast."
+_PROVENANCE_KEYS = ("version", "multiplier", "source.sha256")  # written by _add_provenance into every export
 _NOT_FROM_GGUF = (
     "this model was not loaded from a GGUF file, so there is no GGUF to copy: export the folded checkpoint "
     "(cna export --format folded --out steered/), then convert it with llama.cpp's own converter "
@@ -49,15 +51,40 @@ def _source_of(model):
     return source
 
 
+def is_previous_export(path: str | os.PathLike) -> bool:
+    """True when `path` is a GGUF file this tool wrote (it carries the `cna_fast.*` provenance keys)."""
+    from ..models.gguf_files import is_gguf_file
+
+    if not Path(path).is_file() or not is_gguf_file(path):
+        return False
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+    except Exception:  # a damaged file is not a previous export
+        return False
+    return all(f"{_METADATA_PREFIX}{key}" in fields for key in _PROVENANCE_KEYS)
+
+
 def check_gguf_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a folder, a missing parent, or an existing file (unless forced), before any work is done."""
+    """Refuse a folder, a missing parent, or an existing file, before any work is done.
+
+    An existing file is replaced only with `force`, and only when it is a previous export of this
+    tool (a GGUF carrying the `cna_fast.*` provenance keys): --force never replaces another model.
+    """
     out = Path(out)
     if out.is_dir():
         raise CNAError(f"output {str(out)!r} is a folder: give a file name such as steered.gguf")
     if not out.absolute().parent.is_dir():
         raise CNAError(f"parent folder of {str(out)!r} does not exist: create it first")
-    if out.exists() and not force:
-        raise CNAError(f"output file {str(out)!r} exists: choose another name or pass force=True (--force)")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise CNAError(f"output file {str(out)!r} exists: choose another name, or pass force=True (--force) to "
+                           "replace a previous GGUF export")
+        if out.is_symlink() or not is_previous_export(out):
+            raise CNAError(f"output file {str(out)!r} exists and is not a GGUF export of cna_fast (it has no "
+                           f"{_METADATA_PREFIX}* provenance keys): --force only replaces previous exports; choose "
+                           "another name")
     return out
 
 
@@ -69,6 +96,23 @@ def _down_tensor(tensors: dict, layer: int):
         raise CNAError(f"layer {layer} of this GGUF is a mixture of experts (blk.{layer}.ffn_down_exps): the GGUF "
                        "export does not fold expert tensors yet; use the folded or LoRA export")
     raise CNAError(f"the GGUF has no tensor {name!r}: its architecture is not one the GGUF export knows")
+
+
+# The largest magnitude each written type holds (Q8_0: 127 x its float16 block scale).
+_LARGEST = {"F32": float(np.finfo(np.float32).max), "F16": 65504.0, "BF16": 3.3895313892515355e38,
+            "Q8_0": 65504.0 * 127}
+
+
+def _check_fits(name: str, columns: np.ndarray, gguf_type: str, multiplier: float) -> None:
+    """Refuse scaled weights that are not finite in `gguf_type`; suggest only the types that do hold them."""
+    largest = float(np.abs(columns).max()) if columns.size else 0.0
+    if math.isfinite(largest) and largest <= _LARGEST[gguf_type]:
+        return
+    fitting = [kind for kind in GGUF_TYPES if math.isfinite(largest) and largest <= _LARGEST[kind]]
+    way_out = (f"use --gguf-type {' or '.join(fitting)}" if fitting
+               else "no GGUF type holds them: use a smaller --multiplier")
+    raise CNAError(f"{name} scaled by multiplier {multiplier:g} reaches |w| = {largest:.4g}, beyond {gguf_type}'s "
+                   f"largest value {_LARGEST[gguf_type]:.4g} (it would be written as infinity): {way_out}")
 
 
 def _requantize(weight: np.ndarray, gguf_type: str) -> np.ndarray:
@@ -106,8 +150,10 @@ def scaled_down_weights(reader, by_layer: dict, multiplier: float, widths: list[
         if weight.ndim != 2 or weight.shape[1] != widths[layer]:
             raise CNAError(f"{tensor.name} has shape {tuple(weight.shape)}, expected [hidden, {widths[layer]}]: "
                            "this GGUF does not match the model the circuit was validated on")
-        weight[:, neurons.numpy()] *= np.float32(multiplier)
         written = gguf_type or default_gguf_type(source_type)
+        columns = weight[:, neurons.numpy()].astype(np.float64) * multiplier
+        _check_fits(tensor.name, columns, written, multiplier)
+        weight[:, neurons.numpy()] = columns.astype(np.float32)
         replaced[tensor.name] = (_requantize(weight, written), written)
     return replaced
 
@@ -154,9 +200,9 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise CNAError(f"unknown GGUF tensor type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     source = _source_of(model)
-    out_path = check_gguf_output(out_path, force)
-    if out_path.exists() and out_path.resolve() == source.path.resolve():
+    if Path(out_path).exists() and Path(out_path).resolve() == source.path.resolve():
         raise CNAError(f"output {str(out_path)!r} is the source GGUF itself: write to another file")
+    out_path = check_gguf_output(out_path, force)
     circuit.validate(model)
     if len(circuit) == 0:
         raise CNAError("the circuit has no neurons: there is nothing to export")
@@ -178,6 +224,7 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
+        check_gguf_output(out_path, force)  # again, just before the replace: the file may have changed meanwhile
     return out_path
 
 

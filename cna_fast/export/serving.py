@@ -17,13 +17,14 @@ utils.py `parse_fine_tuned_lora_name`, config/lora.py `MaxLoRARanks`), read, not
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._io import read_json
 from ..errors import CNAError
 from ..models import model_name
 
@@ -72,10 +73,17 @@ def _config_problems(config: dict) -> list[str]:
     problems = [f"adapter_config.json lacks {key!r}" for key in ("r", "lora_alpha", "target_modules")
                 if key not in config]
     rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        problems.append(f"rank_pattern must be an object {{module: rank}}, got {type(pattern).__name__}")
+        pattern = {}
+    bad = [value for value in pattern.values() if not _positive_integer(value)]
+    if bad:
+        problems.append(f"rank_pattern ranks must be positive integers, got {bad[0]!r}")
+    if not _positive_integer(rank):
         problems.append(f"r must be a positive integer, got {rank!r}")
     else:
-        ranks = [rank, *dict(config.get("rank_pattern") or {}).values()]
+        ranks = [rank, *(value for value in pattern.values() if _positive_integer(value))]
         if max(ranks) > VLLM_MAX_RANK:
             problems.append(f"rank {max(ranks)} is above vLLM's largest --max-lora-rank ({VLLM_MAX_RANK})")
     if config.get("modules_to_save"):
@@ -89,20 +97,33 @@ def _config_problems(config: dict) -> list[str]:
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}, vLLM loads LORA adapters only")
     alpha = config.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        problems.append(f"lora_alpha must be a positive number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        problems.append(f"lora_alpha must be a positive finite number, got {alpha!r}")
     return problems
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor] | None:
+def _positive_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor] | str | None:
+    """The adapter's weights; None when there is no weight file; a problem (text) when it cannot be read."""
     for name in _WEIGHT_FILES:
         path = folder / name
         if path.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
 
-                return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
+                    tensors = load_file(str(path))
+                else:
+                    tensors = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # safetensors and torch.load raise their own types on damaged files
+                return f"{name} cannot be read ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+            if not isinstance(tensors, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                                        for key, value in tensors.items()):
+                return f"{name} does not hold named tensors"
+            return tensors
     return None
 
 
@@ -155,12 +176,15 @@ def check_vllm_adapter(folder: str | os.PathLike, architecture: str | None = Non
     folder = Path(folder)
     result = VLLMAdapterCheck()
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as error:
+        config = read_json(folder / "adapter_config.json", "adapter configuration")
+    except CNAError as error:
         result.problems.append(f"adapter_config.json is missing or unreadable: {error}")
         return result
+    if not isinstance(config, dict):
+        result.problems.append(f"adapter_config.json holds a JSON {type(config).__name__}, not an object")
+        return result
     result.problems.extend(_config_problems(config))
-    rank = config.get("r") if isinstance(config.get("r"), int) else 0
+    rank = config.get("r") if _positive_integer(config.get("r")) else 0
     result.rank = rank
     expected_suffix = None
     if architecture is not None:
@@ -170,6 +194,9 @@ def check_vllm_adapter(folder: str | os.PathLike, architecture: str | None = Non
     tensors = _read_tensors(folder)
     if tensors is None:
         result.problems.append(f"no adapter weights ({' or '.join(_WEIGHT_FILES)}) in {str(folder)!r}")
+        return result
+    if isinstance(tensors, str):
+        result.problems.append(tensors)
         return result
     problems, modules = _tensor_problems(tensors, rank, expected_suffix, model)
     result.problems.extend(problems)
@@ -207,7 +234,7 @@ def _base_model_for_vllm(model) -> str:
 
 def lora_serving_note(model, adapter_dir: str | os.PathLike) -> str:
     """What `cna export --format lora` prints: the vLLM command and request, or why vLLM cannot serve it."""
-    rank = int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
+    rank = int(read_json(Path(adapter_dir) / "adapter_config.json", "adapter configuration")["r"])
     architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if architecture not in VLLM_LORA_DOWN_MODULES:
         return (f"vLLM does not implement LoRA for {architecture}: PEFT loads this adapter; for vLLM serve the "

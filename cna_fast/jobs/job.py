@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import encode_prompts, pad_token_id, windows
+from ..batching import encode_prompts, generation_overflow, pad_token_id, windows
 from ..circuit import Circuit, as_multiplier
 from ..errors import CNAError, positive_int
 from ..prompts import PromptRecord, PromptSource
@@ -56,10 +56,20 @@ class JobSummary:
 class _Circuits:
     """Named circuits as columns of the per-row multiplier table (identical neuron sets share a column)."""
 
-    def __init__(self, circuits: Circuit | Mapping[str, Circuit] | None, default_multiplier: float) -> None:
+    def __init__(self, circuits: Circuit | Mapping[str, Circuit] | None, default_multiplier: float,
+                 dtype: torch.dtype = torch.float32) -> None:
         if isinstance(circuits, Circuit):
             circuits = {str(circuits.meta.get("name", "circuit")): circuits}
+        if circuits is not None and not isinstance(circuits, Mapping):
+            raise CNAError(f"circuits must be a Circuit or a dict {{name: Circuit}}, got {type(circuits).__name__}: "
+                           "for several circuits pass circuits={'a': circuit_a, 'b': circuit_b}")
+        for name, circuit in (circuits or {}).items():
+            if not isinstance(name, str) or not name or not isinstance(circuit, Circuit):
+                raise CNAError(f"circuits must map names (text) to Circuits, got {name!r}: {type(circuit).__name__}")
         self.named = dict(circuits or {})
+        self.dtype = dtype
+        if self.named and _overflow(float(default_multiplier), dtype):
+            raise CNAError(f"{_overflow(float(default_multiplier), dtype)}: use a smaller multiplier")
         self.default = next(iter(self.named), None)
         self.multiplier = float(default_multiplier) if self.named else None
         keys = list(dict.fromkeys(circuit_key(circuit) for circuit in self.named.values()))
@@ -96,11 +106,27 @@ def _override(record: PromptRecord, circuits: _Circuits) -> tuple[str | None, fl
         if "circuit" in record.fields or "multiplier" in record.fields:
             raise ValueError("has a circuit or multiplier field, but the job has no circuit")
         return None, None
+    if not isinstance(name, str):
+        raise ValueError(f"field circuit must be the name of one of the job's circuits ({', '.join(circuits.named)}), "
+                         f"got a {type(name).__name__}: {name!r}")
     if name not in circuits.named:
         raise ValueError(f"circuit {name!r} is not one of the job's circuits ({', '.join(circuits.named)})")
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise ValueError(f"multiplier must be a finite number, got {multiplier!r}")
+    overflow = _overflow(multiplier, circuits.dtype)
+    if overflow:
+        raise ValueError(overflow)
     return name, float(multiplier)
+
+
+def _overflow(multiplier: float, dtype: torch.dtype) -> str | None:
+    """Why `multiplier` cannot be applied in `dtype` (it is not finite there), or None."""
+    largest = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    largest = min(largest, torch.finfo(torch.float32).max)  # the per-row multiplier table is float32
+    if abs(multiplier) <= largest:
+        return None
+    return (f"multiplier {multiplier:g} overflows the model's dtype {str(dtype).removeprefix('torch.')} (its largest "
+            f"value is {largest:.4g})")
 
 
 def job_records(source: PromptSource, circuits: _Circuits, bad: list[str]) -> Iterator[JobRecord]:
@@ -129,12 +155,22 @@ def record_seed(seed: int, record_id: int | str) -> int:
 
 
 def _requests(records: Iterator[JobRecord], tokenizer, circuits: _Circuits, window: int,
-              generation: GenerationSettings) -> Iterator[Request]:
-    """Requests in windows of `window` records, each window sorted by prompt length (less padding per prefill)."""
+              generation: GenerationSettings, model: nn.Module, source: PromptSource, bad: list[str]
+              ) -> Iterator[Request]:
+    """Requests in windows of `window` records, each window sorted by prompt length (less padding per prefill).
+
+    A record whose prompt and answer do not fit the model's context is refused (skipped and listed with skip_bad)."""
     for chunk in windows(records, window):
         encoded = encode_prompts(tokenizer, [record.prompt for record in chunk], generation.chat_template)
         for index in sorted(range(len(chunk)), key=lambda i: len(encoded[i])):
             record = chunk[index]
+            overflow = generation_overflow(model, len(encoded[index]), generation.max_new_tokens)
+            if overflow:
+                if not source.skip_bad:
+                    raise CNAError(f"{source.spec}: record {record.id!r}: {overflow} (or pass --skip-bad / "
+                                   "skip_bad=True)")
+                bad.append(f"{source.spec}: record {record.id!r}: {overflow}")
+                continue
             generator = (torch.Generator().manual_seed(record_seed(generation.seed or 0, record.id))
                          if generation.do_sample else None)
             yield Request(record, encoded[index], circuits.table_row(record), generator)
@@ -173,6 +209,23 @@ def _line(completion: Completion, tokenizer) -> dict:
             "prompt_tokens": len(completion.request.token_ids), "output_tokens": len(completion.tokens)}
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in (the first floating-point parameter's)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def _not_done(records: Iterator[JobRecord], output: JobOutput) -> Iterator[JobRecord]:
+    """The records not written yet; one written with another prompt under its id means the file is not this job's."""
+    for record in records:
+        written = output.done.get(record.id)
+        if written is None:
+            yield record
+        elif written[1] != record.prompt:
+            raise CNAError(f"{output.path}:{written[0]}: record id {record.id!r} holds another prompt than the input "
+                           "record of that id: the results file was edited or belongs to another job. Remove the line, "
+                           "or choose another --out")
+
+
 def _open_source(prompts: str | os.PathLike | PromptSource, skip_bad: bool) -> PromptSource:
     return prompts if isinstance(prompts, PromptSource) else PromptSource(prompts, skip_bad=skip_bad)
 
@@ -196,7 +249,7 @@ def generate_to_file(model: nn.Module, tokenizer, prompts: str | os.PathLike | P
 
     generation, = with_options(options, generation or GenerationSettings())
     source = _open_source(prompts, skip_bad)
-    circuits = _Circuits(circuits, as_multiplier(multiplier))
+    circuits = _Circuits(circuits, as_multiplier(multiplier), _model_dtype(model))
     for named in circuits.named.values():
         named.validate(model)
     positive_int(window, "window")
@@ -205,8 +258,8 @@ def generate_to_file(model: nn.Module, tokenizer, prompts: str | os.PathLike | P
     output = JobOutput(out, _settings(model, source, circuits, generation))
     summary, bad, started = JobSummary(resumed=len(output.done)), [], time.monotonic()
     try:
-        records = (record for record in job_records(source, circuits, bad) if record.id not in output.done)
-        requests = _requests(records, tokenizer, circuits, window, generation)
+        records = _not_done(job_records(source, circuits, bad), output)
+        requests = _requests(records, tokenizer, circuits, window, generation, model, source, bad)
         with tqdm(desc="generate", unit="rec", disable=not progress) as bar:
             for completion in batcher.run(requests):
                 output.write(_line(completion, tokenizer))

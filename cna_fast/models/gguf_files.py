@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import write_text_atomic
+from .._io import read_json, write_text_atomic
 from ..errors import CNAError
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,15 @@ def _stat_key(path: Path) -> dict:
 
 
 def _read_digests(memo: Path) -> dict:
+    """The digest memo (size-capped); a missing, damaged or foreign one is an empty memo (it only costs a re-hash)."""
     try:
-        return json.loads(memo.read_text())
-    except (OSError, ValueError):
+        digests = read_json(memo, "GGUF digest memo")
+    except CNAError:
         return {}
+    if not isinstance(digests, dict):
+        return {}
+    return {path: entry for path, entry in digests.items()
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)}
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -161,6 +166,70 @@ def _check_supported(path: Path) -> None:
     if _plain(architecture) not in {_plain(known) for known in readable}:
         raise CNAError(f"GGUF architecture {architecture!r} of {str(path)!r} cannot be read by transformers (it reads "
                        f"{', '.join(sorted(readable))}): use the model's Hugging Face folder")
+    _check_shapes(reader, str(architecture), path)
+
+
+MAX_BLOCKS = 4096  # the deepest models have ~130 blocks
+MAX_WIDTH = 1 << 24
+
+
+def _metadata_int(reader, key: str, path: Path) -> int | list[int] | None:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_WIDTH for v in values):
+        raise CNAError(f"GGUF file {str(path)!r}: metadata {key} is {str(value)[:80]}, not a size in 0..{MAX_WIDTH}: "
+                       "the file is damaged or crafted")
+    return value
+
+
+def _check_shapes(reader, architecture: str, path: Path) -> None:
+    """The sizes in the metadata against the tensor table, bounded, before any model is built from them.
+
+    transformers builds the model from the metadata and then fills it from the tensors; sizes that
+    disagree would allocate for the metadata (block_count 100000: gigabytes) or leave weights newly
+    initialized. Tensor shapes are in ggml order: token_embd [n_embd, n_vocab], ffn_down [n_ff, n_embd].
+    """
+    where = f"GGUF file {str(path)!r}"
+    blocks = _metadata_int(reader, f"{architecture}.block_count", path)
+    embedding = _metadata_int(reader, f"{architecture}.embedding_length", path)
+    feed_forward = _metadata_int(reader, f"{architecture}.feed_forward_length", path)
+    shapes = {tensor.name: [int(n) for n in tensor.shape] for tensor in reader.tensors}
+    present = sorted({int(name.split(".")[1]) for name in shapes if name.startswith("blk.")
+                      and name.split(".")[1].isdigit()})
+    if blocks is None or isinstance(blocks, list) or not 1 <= blocks <= MAX_BLOCKS:
+        raise CNAError(f"{where}: metadata {architecture}.block_count is {blocks!r}, not a layer count in 1.."
+                       f"{MAX_BLOCKS}: the file is damaged or crafted")
+    if present != list(range(blocks)):
+        raise CNAError(f"{where}: metadata says {blocks} blocks but the tensor table holds blocks "
+                       f"{_span(present)}: the file is damaged or crafted")
+    embd = shapes.get("token_embd.weight")
+    if isinstance(embedding, int) and embd is not None and embd[0] != embedding:
+        raise CNAError(f"{where}: metadata {architecture}.embedding_length is {embedding} but token_embd.weight is "
+                       f"{embd[0]} wide: the file is damaged or crafted")
+    for block in present:
+        down = shapes.get(f"blk.{block}.ffn_down.weight")
+        if down is None:
+            continue  # an expert layer (ffn_down_exps) or another layout: transformers reports what it cannot read
+        width = feed_forward[block] if isinstance(feed_forward, list) and block < len(feed_forward) else feed_forward
+        expected = [width if isinstance(width, int) else down[0], embedding if isinstance(embedding, int) else down[1]]
+        if len(down) != 2 or down != expected:
+            raise CNAError(f"{where}: blk.{block}.ffn_down.weight has shape {down} (ggml order), but the metadata "
+                           f"gives [feed_forward_length {width}, embedding_length {embedding}]: the file is damaged "
+                           "or crafted; a model is never built from it with newly initialized weights")
+        for part in ("ffn_up", "ffn_gate"):
+            shape = shapes.get(f"blk.{block}.{part}.weight")
+            if shape is not None and shape != expected[::-1]:
+                raise CNAError(f"{where}: blk.{block}.{part}.weight has shape {shape} (ggml order), expected "
+                               f"{expected[::-1]} from the metadata: the file is damaged or crafted")
+
+
+def _span(blocks: list[int]) -> str:
+    if not blocks:
+        return "none"
+    return f"{blocks[0]}..{blocks[-1]} ({len(blocks)} blocks)"
 
 
 def _convert(path: Path, staging: Path) -> None:
@@ -170,10 +239,19 @@ def _convert(path: Path, staging: Path) -> None:
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, KeyError, NotImplementedError) as error:
-        raise CNAError(f"transformers could not convert GGUF {str(path)!r}: {error}. Use the model's Hugging Face "
-                       "folder instead") from error
+        model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                           output_loading_info=True)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as error:
+        raise CNAError(f"transformers could not convert GGUF {str(path)!r}: {' '.join(str(error).split())[:300]}. "
+                       "Use the model's Hugging Face folder instead") from error
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    mismatched = list(info.get("mismatched_keys") or ())
+    if missing or mismatched:  # those weights would be newly initialized: never convert, never cache them
+        shown = ", ".join(str(key if isinstance(key, str) else key[0]) for key in [*mismatched, *missing][:3])
+        raise CNAError(f"GGUF {str(path)!r} does not fill the model its metadata describes ({len(mismatched)} tensors "
+                       f"of the wrong shape, {len(missing)} missing; first: {shown}): the file is damaged; use the "
+                       "model's Hugging Face folder")
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):  # the weights are dequantized float32 now
         del config.quantization_config

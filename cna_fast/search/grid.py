@@ -17,7 +17,7 @@ import torch
 
 from ..attribution import SCORES, attribute, validate_score
 from ..circuit import Circuit
-from ..errors import CNAError, one_of
+from ..errors import CNAError, number_list, one_of, text_list
 from ..stats import Stats
 from .result import Candidate
 
@@ -48,13 +48,15 @@ class SearchSpace:
     iterative: int = 0
 
     def __post_init__(self) -> None:
+        if self.multipliers is not None:
+            object.__setattr__(self, "multipliers", tuple(number_list(self.multipliers, "multipliers")))
         multiplier_grid(self.goal, self.multipliers)
-        scores = tuple(dict.fromkeys(validate_score(score) for score in self.scores))
+        scores = tuple(dict.fromkeys(validate_score(score) for score in text_list(self.scores, "scores")))
         if not scores:
             raise CNAError(f"give at least one score to search: {', '.join(SCORES)}")
         object.__setattr__(self, "scores", scores)
         if self.sizes is not None:
-            object.__setattr__(self, "sizes", tuple(self.sizes))
+            object.__setattr__(self, "sizes", tuple(number_list(self.sizes, "sizes")))
         layers = self.exclude_layers
         if isinstance(layers, (numbers.Number, str, bytes)) or not isinstance(layers, Iterable):
             raise CNAError(f"exclude_layers must be a list of layer numbers like [0, 1], got {layers!r}")
@@ -68,6 +70,8 @@ class SearchSpace:
 
 def size_grid(total_neurons: int, eligible: int, sizes: Sequence[float] | None = None) -> list[int]:
     """Circuit sizes in neurons, sorted and unique: values below 1 are fractions of all neurons, others counts."""
+    if eligible < 1:
+        raise CNAError("no neuron can be selected: every layer is excluded (exclude_layers); leave at least one layer")
     counts = set()
     for value in DEFAULT_FRACTIONS if sizes is None else sizes:
         value = float(value)

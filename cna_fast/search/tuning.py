@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,14 +27,17 @@ import torch
 from ..attribution import attribute, eligible_count
 from ..capture import capture_contrast
 from ..circuit import Circuit
-from ..errors import CNAError, positive_int
+from ..errors import CircuitWeightsWarning, CNAError, positive_int, real_number, text_list
 from ..evaluation import bundled_neutral_texts, judge_answers, quality, resolve_behavior
 from ..evaluation.metrics import next_token_logprobs, next_token_mask, token_kl
+from .._io import printable
 from ..models import get_adapter, is_moe
+from ..models.content import weights_differ
 from ..pipeline import capture_layers, mlp_output_directions, provenance
 from ..settings import CaptureSettings, with_options
 from ..stats import MoEStats, NeuronStats, Stats
 from ..steering import GenerationSettings, generate, steer
+from ..steering.scale import check_multiplier_fits
 from .grid import SearchSpace, candidate_rows, grid, paper_default, size_grid
 from .result import Candidate, TuneResult, better_key, choose
 
@@ -57,10 +61,14 @@ class SearchBudget:
     eta: int = 3
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.kl_budget, (int, float)) and math.isfinite(self.kl_budget) and self.kl_budget > 0):
+        budget = real_number(self.kl_budget, "kl_budget")
+        if not (math.isfinite(budget) and budget > 0):
             raise CNAError(f"kl_budget must be a positive number of nats, got {self.kl_budget!r} (e.g. 0.1)")
         if self.neutral is not None:
-            object.__setattr__(self, "neutral", tuple(str(text) for text in self.neutral))
+            neutral = tuple(text_list(self.neutral, "neutral"))
+            if not neutral or not all(text.strip() for text in neutral):
+                raise CNAError("neutral must hold non-empty texts (or None for the bundled paragraphs)")
+            object.__setattr__(self, "neutral", neutral)
         positive_int(self.rungs, "rungs")
         if positive_int(self.eta, "eta") < 2:
             raise CNAError(f"successive halving needs eta >= 2, got {self.eta}")
@@ -79,7 +87,7 @@ class Judging:
 
     def __post_init__(self) -> None:
         resolve_behavior(self.behavior)
-        if not (isinstance(self.quality_floor, (int, float)) and 0.0 <= self.quality_floor <= 1.0):
+        if not 0.0 <= real_number(self.quality_floor, "quality_floor") <= 1.0:
             raise CNAError(f"quality_floor must be in [0, 1], got {self.quality_floor!r}")
 
     @property
@@ -226,11 +234,14 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
     space, budget, judging, capture, generation = with_options(
         options, space or SearchSpace(), budget or SearchBudget(), judging or Judging(), capture or CaptureSettings(),
         generation or GenerationSettings(max_new_tokens=40, batch_size=32))
-    eval_prompts = [str(prompt) for prompt in eval_prompts]
+    eval_prompts = text_list(eval_prompts, "eval_prompts")
     if not eval_prompts or not all(prompt.strip() for prompt in eval_prompts):
         raise CNAError("tune needs held-out eval prompts that show the behavior (none given, or an empty one)")
     adapter = get_adapter(model)
     capture = capture_layers(adapter, capture, space.exclude_layers)
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    check_multiplier_fits(space.multiplier_list(), dtype)  # before any work: the table and the model's dtype
+    _check_neutral(tokenizer, budget.neutral_texts())
     positive, negative = _discovery_prompts(positive, negative, stats is None or space.iterative > 0)
     if stats is None:
         stats = capture_contrast(model, tokenizer, positive, negative, capture, progress=progress)
@@ -239,6 +250,8 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
     search = _Search(model, tokenizer, eval_prompts, space, budget, judging, generation, progress)
     meta = {**provenance(model, tokenizer, capture),
             **{key: stats.meta[key] for key in ("reduction", "capture", "chat_template") if key in stats.meta}}
+    if stats.meta.get("model") is not None:
+        meta["statistics_model"] = stats.meta["model"]  # where the statistics came from, when given saved ones
     candidates = grid(stats, space, sizes, adapter.num_neurons, meta)
     search.measure_kl(candidates)
     reference = paper_default(candidates, adapter.num_neurons, space.goal)
@@ -300,6 +313,9 @@ def _check_stats(stats: Stats, model) -> None:
     recorded = stats.meta.get("architecture")
     shape_keys = ("model_type", "num_layers", "d_ff")
     here = {key: adapter.architecture()[key] for key in shape_keys}
+    if recorded and not isinstance(recorded, dict):
+        raise CNAError(f"these statistics record an architecture of type {type(recorded).__name__}: the file is "
+                       "damaged")
     if recorded and {key: recorded.get(key) for key in shape_keys} != here:
         raise CNAError(f"these statistics were captured on {stats.meta.get('model', 'another model')} "
                        f"({ {key: recorded.get(key) for key in shape_keys} }), not on this model ({here}): pass that "
@@ -312,6 +328,11 @@ def _check_stats(stats: Stats, model) -> None:
             or any(width not in adapter.widths for width in widths)):
         raise CNAError(f"these statistics ({len(stats.layers)} layers, widths {widths}) do not fit this model "
                        f"({adapter.num_layers} layers x {max(adapter.widths)} neurons): capture them on this model")
+    if recorded and weights_differ(recorded.get("weights"), adapter.architecture().get("weights")):
+        warnings.warn(f"these statistics were captured on {printable(stats.meta.get('model', 'another model'))}, "
+                      "whose down-projection weights differ from this model's although the shapes match (base vs "
+                      "instruct, or another fine-tune?): the circuit found from them may mean something else here; "
+                      "capture statistics on this model to be sure", CircuitWeightsWarning, stacklevel=3)
 
 
 def _chosen_circuit(model, chosen: Candidate | None, stats: Stats, summary: dict) -> Circuit | None:
@@ -324,11 +345,22 @@ def _chosen_circuit(model, chosen: Candidate | None, stats: Stats, summary: dict
                                caa_layers=layers, caa_directions=directions)
 
 
+def _check_neutral(tokenizer, texts: list[str]) -> None:
+    """KL is measured at next-token positions: every neutral text needs at least two tokens."""
+    short = [text for text in texts if len(tokenizer(text).input_ids) < 2]
+    if short:
+        raise CNAError(f"{len(short)} of the {len(texts)} neutral texts (first: {short[0][:40]!r}) are a single token: "
+                       "KL on neutral text is measured on the next token after each prefix, so each text needs at "
+                       "least two tokens; give sentences or paragraphs (one per line)")
+
+
 def _discovery_prompts(positive, negative, needed: bool) -> tuple[list[str] | None, list[str] | None]:
     """The discovery prompts as lists when a capture will run (no saved statistics, or iterative rounds)."""
+    positive = text_list(positive, "positive") if positive is not None else None
+    negative = text_list(negative, "negative") if negative is not None else None
     if not needed:
         return None, None
     if positive is None or negative is None:
         raise CNAError("tune needs positive and negative discovery prompts (or saved statistics, and no iterative "
                        "rounds)")
-    return list(positive), list(negative)
+    return text_list(positive, "positive"), text_list(negative, "negative")

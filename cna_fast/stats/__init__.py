@@ -10,6 +10,7 @@ import os
 from safetensors import safe_open
 
 from ..errors import CNAError
+from ..paths import require_file
 from .dense import NEGATIVE, POSITIVE, SKIP, NeuronStats, check_contrast
 from .moe import ExpertMoments, ExpertStats, MoEStats
 from .moe import FORMAT as _MOE_FORMAT
@@ -23,6 +24,7 @@ __all__ = ["NEGATIVE", "POSITIVE", "SKIP", "ExpertMoments", "ExpertStats", "MoES
 
 def load_stats(path: str | os.PathLike) -> Stats:
     """Dense or MoE statistics, whichever the file holds; a damaged file is a CNAError."""
+    require_file(path, "statistics file")  # a folder or a device is named as such, not as an OS error
     try:
         with safe_open(str(path), framework="pt") as handle:
             kind = (handle.metadata() or {}).get("format")

@@ -13,8 +13,9 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from ..batching import encode_prompts
+from ..batching import encode_prompts, generation_overflow
 from ..circuit import Circuit, as_multiplier
+from ..errors import CNAError
 from ..models import is_moe
 from ..settings import with_options
 from .residual import AddDirections, caa
@@ -73,6 +74,10 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
     circuits = None if circuits is None else as_circuits(circuits)
     table = multiplier_table(circuits, multiplier, multipliers, len(prompts))
     encoded = encode_prompts(tokenizer, prompts, settings.chat_template)
+    for number, ids in enumerate(encoded, start=1):
+        overflow = generation_overflow(model, len(ids), settings.max_new_tokens)
+        if overflow:
+            raise CNAError(f"prompt {number}: {overflow}")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     if settings.do_sample and settings.seed is not None:
