@@ -60,10 +60,16 @@ def tree(folder: Path) -> dict[str, bytes | None]:
             for p in sorted(folder.rglob("*")) if not p.is_symlink()}
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C as at a terminal. A suite started in the background (`pytest &` in a script) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the child would run to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cna_process(*args, cwd: Path | None = None, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     return subprocess.Popen([sys.executable, "-m", "cna_fast", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_interruptible, **kwargs)
 
 
 @pytest.fixture(scope="module")

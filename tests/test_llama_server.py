@@ -22,7 +22,7 @@ import torch
 from cna_fast.jobs import server as server_jobs
 from cna_fast.batching import encode_prompts
 from cna_fast.circuit import Circuit
-from cna_fast.evaluate import detect_language
+from cna_fast.evaluation import detect_language
 from cna_fast.export import export_gguf
 from cna_fast.export.gguf_lora import effective_multiplier, export_gguf_lora
 from cna_fast.models import gguf_source
