@@ -53,7 +53,7 @@ class JobSummary:
     seconds: float = 0.0
 
 
-class _Circuits:
+class JobCircuits:
     """Named circuits as columns of the per-row multiplier table (identical neuron sets share a column)."""
 
     def __init__(self, circuits: Circuit | Mapping[str, Circuit] | None, default_multiplier: float,
@@ -98,7 +98,7 @@ def _record_id(record: PromptRecord) -> int | str:
     return value
 
 
-def _override(record: PromptRecord, circuits: _Circuits) -> tuple[str | None, float | None]:
+def _override(record: PromptRecord, circuits: JobCircuits) -> tuple[str | None, float | None]:
     """The record's circuit and multiplier: its own `circuit` / `multiplier` fields, else the job's."""
     name = record.fields.get("circuit", circuits.default)
     multiplier = record.fields.get("multiplier", circuits.multiplier)
@@ -129,7 +129,7 @@ def _overflow(multiplier: float, dtype: torch.dtype) -> str | None:
             f"value is {largest:.4g})")
 
 
-def job_records(source: PromptSource, circuits: _Circuits, bad: list[str]) -> Iterator[JobRecord]:
+def job_records(source: PromptSource, circuits: JobCircuits, bad: list[str]) -> Iterator[JobRecord]:
     """The source's records with ids and overrides; a bad override is skipped (listed in `bad`) or raises."""
     seen: set[int | str] = set()
     for record in source.records():
@@ -154,7 +154,7 @@ def record_seed(seed: int, record_id: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _requests(records: Iterator[JobRecord], tokenizer, circuits: _Circuits, window: int,
+def _requests(records: Iterator[JobRecord], tokenizer, circuits: JobCircuits, window: int,
               generation: GenerationSettings, model: nn.Module, source: PromptSource, bad: list[str]
               ) -> Iterator[Request]:
     """Requests in windows of `window` records, each window sorted by prompt length (less padding per prefill).
@@ -183,22 +183,28 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return {token for token in ids if token is not None}
 
 
-def _settings(model: nn.Module, source: PromptSource, circuits: _Circuits, generation: GenerationSettings) -> dict:
+def job_settings(engine: dict, source: PromptSource, circuits: JobCircuits, options: dict) -> dict:
+    """The sidecar's settings: what generates (`engine`), from which prompts and circuits, with which options;
+    everything that decides the outputs (sampling parameters only when sampling)."""
+    settings = {**engine, "prompts": source.spec, "prompts_sha256": source.content_hash(),
+                "skip_bad": source.skip_bad, "circuits": circuits.digests(), "default_circuit": circuits.default,
+                "multiplier": circuits.multiplier, **options}
+    if not options["do_sample"]:
+        for key in ("temperature", "top_p", "seed"):
+            settings.pop(key)
+    return settings
+
+
+def _settings(model: nn.Module, source: PromptSource, circuits: JobCircuits, generation: GenerationSettings) -> dict:
     """Everything that decides the outputs (not batch size or window, which only change speed)."""
     options = {key: value for key, value in dataclasses.asdict(generation).items() if key != "batch_size"}
     options["seed"] = generation.seed or 0  # what the records' generators are seeded from
     config = {key: value for key, value in model.config.to_dict().items()
               if key not in ("transformers_version", "_name_or_path")}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    settings = {"model": getattr(model, "name_or_path", ""), "model_config": config_hash,
-                "dtype": str(next(model.parameters()).dtype), "prompts": source.spec,
-                "prompts_sha256": source.content_hash(), "skip_bad": source.skip_bad,
-                "circuits": circuits.digests(), "default_circuit": circuits.default,
-                "multiplier": circuits.multiplier, **options}
-    if not options["do_sample"]:
-        for key in ("temperature", "top_p", "seed"):
-            settings.pop(key)
-    return settings
+    engine = {"model": getattr(model, "name_or_path", ""), "model_config": config_hash,
+              "dtype": str(next(model.parameters()).dtype)}
+    return job_settings(engine, source, circuits, options)
 
 
 def _line(completion: Completion, tokenizer) -> dict:
@@ -226,7 +232,7 @@ def _not_done(records: Iterator[JobRecord], output: JobOutput) -> Iterator[JobRe
                            "or choose another --out")
 
 
-def _open_source(prompts: str | os.PathLike | PromptSource, skip_bad: bool) -> PromptSource:
+def open_job_source(prompts: str | os.PathLike | PromptSource, skip_bad: bool) -> PromptSource:
     return prompts if isinstance(prompts, PromptSource) else PromptSource(prompts, skip_bad=skip_bad)
 
 
@@ -248,8 +254,8 @@ def generate_to_file(model: nn.Module, tokenizer, prompts: str | os.PathLike | P
     from tqdm.auto import tqdm
 
     generation, = with_options(options, generation or GenerationSettings())
-    source = _open_source(prompts, skip_bad)
-    circuits = _Circuits(circuits, as_multiplier(multiplier), _model_dtype(model))
+    source = open_job_source(prompts, skip_bad)
+    circuits = JobCircuits(circuits, as_multiplier(multiplier), _model_dtype(model))
     for named in circuits.named.values():
         named.validate(model)
     positive_int(window, "window")

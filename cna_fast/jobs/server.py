@@ -35,7 +35,7 @@ from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
-from .job import JobRecord, JobSummary, _Circuits, _open_source, job_records, record_seed
+from .job import JobRecord, JobSummary, JobCircuits, open_job_source, job_records, job_settings, record_seed
 from .output import JobOutput
 from ..batching import encode_prompts, windows
 from ..circuit import Circuit, as_multiplier
@@ -111,7 +111,7 @@ class LlamaServerBackend:
 
     kind = "llama-server"
 
-    def __init__(self, url: str, circuits: _Circuits) -> None:
+    def __init__(self, url: str, circuits: JobCircuits) -> None:
         self.url = url
         props = request_json(f"{url}/props", retries=2)
         self.model = Path(str(props.get("model_path", ""))).name
@@ -180,7 +180,7 @@ class VLLMBackend:
 
     kind = "vllm"
 
-    def __init__(self, url: str, circuits: _Circuits) -> None:
+    def __init__(self, url: str, circuits: JobCircuits) -> None:
         self.url = url
         models = request_json(f"{url}/v1/models", retries=2).get("data", [])
         bases = [entry["id"] for entry in models if not entry.get("parent")]
@@ -223,7 +223,7 @@ class VLLMBackend:
         return ([int(token) for token in tokens] if tokens is not None else str(choice.get("text", ""))), finish
 
 
-def connect(url: str, circuits: _Circuits):
+def connect(url: str, circuits: JobCircuits):
     """The backend behind `url`: llama-server when it answers /lora-adapters, else vLLM (/v1/models)."""
     url = url.rstrip("/")
     try:
@@ -269,17 +269,11 @@ def _ordered(records: Iterator[JobRecord], tokenizer, chat_template, window: int
             yield chunk[index], encoded[index]
 
 
-def _settings(backend, tokenizer, source: PromptSource, circuits: _Circuits, options: dict) -> dict:
+def _settings(backend, tokenizer, source: PromptSource, circuits: JobCircuits, options: dict) -> dict:
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
-    settings = {**backend.describe(), "tokenizer": vocab, "chat_template_text": hashlib.sha256(
-                    str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest()[:16],
-                "prompts": source.spec, "prompts_sha256": source.content_hash(), "skip_bad": source.skip_bad,
-                "circuits": circuits.digests(), "default_circuit": circuits.default,
-                "multiplier": circuits.multiplier, **options}
-    if not options["do_sample"]:
-        for key in ("temperature", "top_p", "seed"):
-            settings.pop(key)
-    return settings
+    template = hashlib.sha256(str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest()[:16]
+    engine = {**backend.describe(), "tokenizer": vocab, "chat_template_text": template}
+    return job_settings(engine, source, circuits, options)
 
 
 def _run_requests(work, backend, tokenizer, options: dict, output: JobOutput, summary: JobSummary,
@@ -339,8 +333,8 @@ def generate_on_server(url: str, tokenizer, prompts: str | os.PathLike | PromptS
     if generation.positions != "all":
         raise CNAError(f"a server steers every token (the adapter is in the weights): "
                        f"positions={generation.positions!r} needs the in-process job (no --server)")
-    source = _open_source(prompts, skip_bad)
-    circuits = _Circuits(circuits, as_multiplier(multiplier))
+    source = open_job_source(prompts, skip_bad)
+    circuits = JobCircuits(circuits, as_multiplier(multiplier))
     backend = connect(url, circuits)
     request_options = {"max_new_tokens": generation.max_new_tokens, "do_sample": generation.do_sample,
                        "temperature": generation.temperature, "top_p": generation.top_p,
