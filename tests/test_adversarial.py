@@ -52,6 +52,29 @@ def run_job(job, tokenizer, out, **options):
 # ------------------------------------------------------------------ 1. nothing the user did not ask for is replaced
 
 
+def test_job_resumed_after_the_hf_dataset_folder_was_rewritten_is_refused(job, tokenizer, tmp_path):
+    """An `hf:` source is hashed by its content, not its spec: a rewritten save_to_disk folder is a new input."""
+    from datasets import Dataset
+
+    folder = tmp_path / "dataset"
+    Dataset.from_dict({"prompt": PROMPTS}).save_to_disk(str(folder))
+    spec, out = f"hf:{folder}:train:prompt", tmp_path / "r.jsonl"
+    assert run_job(job, tokenizer, out, prompts=spec).written == len(PROMPTS)
+    shutil.rmtree(folder)
+    Dataset.from_dict({"prompt": ["other " + text for text in PROMPTS]}).save_to_disk(str(folder))
+    with pytest.raises(CNAError, match="prompts_sha256"):
+        run_job(job, tokenizer, out, prompts=spec)
+    assert len(out.read_text().splitlines()) == len(PROMPTS)  # nothing mixed in
+
+
+@pytest.mark.parametrize("top", ["-5", "0"])
+def test_inspect_top_must_be_positive(top, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", str(tmp_path / "any.safetensors"), "--top", top])
+    assert exit_.value.code == 2 and "argument --top: must be at least 1" in capsys.readouterr().err
+
+
+
 def test_cli_job_sidecar_is_never_an_input(model_dir, tmp_path, capsys):
     """`--circuit c=r.jsonl.job.json --out r.jsonl`: refused before any work, the circuit file kept."""
     model, _ = load_model(model_dir)
