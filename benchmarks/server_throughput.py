@@ -4,8 +4,8 @@ The same batch job (`cna generate --out`; the prompts of benchmarks/test_batch_j
 and English questions, cycled) on the embedded default model, greedy, in new tokens per second:
 
 - torch: `generate_to_file` (continuous batching, float32, the French circuit at x0 or no circuit);
-- llama-server: the original Q4_1 GGUF plus the French GGUF LoRA (exported at x0, loaded with
-  --lora-init-without-apply), N parallel slots, the same job through `generate_on_server` with
+- llama-server: the original Q4_1 GGUF plus the French GGUF LoRA (exported at x0, loaded at scale 0,
+  --cache-ram 0: cna_fast.jobs.LlamaServer), N parallel slots, the same job through `generate_on_server` with
   concurrency N: steered = lora scale 1 (x0), unsteered = multiplier 1 (every lora scale 0).
 
     python -m benchmarks.server_throughput [--prompts 512] [--tokens 64] [--slots 16]

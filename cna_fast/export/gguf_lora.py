@@ -270,12 +270,14 @@ def gguf_lora_instructions(out_path: str | os.PathLike, base_gguf: str | os.Path
     path = Path(out_path).absolute()
     base = Path(base_gguf).absolute() if base_gguf else "BASE_MODEL.gguf"
     half = effective_multiplier(multiplier, 0.5)
-    return (f"llama-server -m {base} --lora-scaled {path}:0 --lora-init-without-apply --port 8080\n"
+    return (f"llama-server -m {base} --lora-scaled {path}:0 --lora-init-without-apply --cache-ram 0 --port 8080\n"
             "curl -s localhost:8080/completion -d '{\"prompt\": \"...\", \"n_predict\": 64, "
             "\"lora\": [{\"id\": 0, \"scale\": 1.0}]}'\n"
             f"A request at lora scale s steers at multiplier 1 + s*({multiplier:g} - 1): scale 1 -> x{multiplier:g}, "
             f"scale 0.5 -> x{half:g}, scale 0 -> unsteered. A request without \"lora\" gets the scale the "
-            "adapter was loaded with: 0 with --lora-scaled FILE:0 (--lora FILE loads it at 1).\n"
+            "adapter was loaded with: 0 with --lora-scaled FILE:0 (--lora FILE loads it at 1). Send \"lora\" with "
+            "every request: the server reuses a slot's cached prompt without one. --cache-ram 0: the host prompt "
+            "cache keeps no lora scale, so a prompt cached under one scale could be reused under another.\n"
             "Send prompts formatted with the model's Hugging Face chat template (as token ids, or as text to "
             "/completion): /v1/chat/completions formats them with the server's own template, which may differ.\n"
             f"Ollama: printf 'FROM {base}\\nADAPTER {path}\\n' > Modelfile && ollama create steered -f Modelfile "

@@ -135,8 +135,8 @@ class LlamaServerBackend:
                 files = ", ".join(Path(str(entry.get("path", ""))).name for entry in adapters) or "none"
                 raise CNAError(f"no adapter served by {url} holds circuit {name!r} (adapters: {files}; an adapter is "
                                "recognized by the cna_fast keys of its file, which must be readable here): export "
-                               "it with `cna export --format gguf-lora` and start llama-server with --lora FILE "
-                               "--lora-init-without-apply")
+                               "it with `cna export --format gguf-lora` and start llama-server with "
+                               "--lora-scaled FILE:0 --cache-ram 0")
             self.adapters[name] = match
 
     def describe(self) -> dict:
@@ -382,7 +382,9 @@ class LlamaServer:
 
     loras are loaded as --lora-scaled FILE:0 with --lora-init-without-apply: a request without a `lora` field
     gets scale 0 (this llama.cpp gives such a request the scales the adapters were loaded with, and
-    `--lora FILE` loads at 1, whatever --lora-init-without-apply says). `url` is set once
+    `--lora FILE` loads at 1, whatever --lora-init-without-apply says), and with --cache-ram 0 (the host prompt
+    cache records no lora scale, so a prompt cached under one scale could be reused under another; a slot's own
+    cache is cleared when the lora list changes). `url` is set once
     /health answers; `stop()` kills it (as a crash would), `close()` ends it. repack=False passes
     --no-repack: the native (-march=native) build of this llama.cpp crashed (SIGSEGV at its first
     graph) with weights repacked into the CPU's AMX buffers on the machine this was written on.
@@ -399,7 +401,7 @@ class LlamaServer:
         self.command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                         "--parallel", str(parallel), "--ctx-size", str(context * parallel), "--no-webui",
                         *[arg for lora in loras for arg in ("--lora-scaled", f"{lora}:0")],
-                        *(["--lora-init-without-apply"] if loras else []),
+                        *(["--lora-init-without-apply", "--cache-ram", "0"] if loras else []),
                         *(["--threads", str(threads)] if threads else []), *([] if repack else ["--no-repack"]),
                         *map(str, extra)]
         self.log = log
