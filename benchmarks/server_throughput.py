@@ -9,6 +9,11 @@ and English questions, cycled) on the embedded default model, greedy, in new tok
   concurrency N: steered = lora scale 1 (x0), unsteered = multiplier 1 (every lora scale 0).
 
     python -m benchmarks.server_throughput [--prompts 512] [--tokens 64] [--slots 16]
+    python -m benchmarks.server_throughput --model X.gguf --random-circuit 1004 --out R.json  # another model
+
+With --model (a GGUF file, loaded by load_model: dequantized to float32 for the torch engine, served as it
+is by llama-server), the circuit is a random one of --random-circuit neurons: the throughput of a
+circuit depends on its size, not on which neurons it holds.
 
 Writes benchmarks/results/server_throughput.json. Needs scripts/build_llama_server.sh to have run.
 """
@@ -46,6 +51,9 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=1,
                         help="llama-server --threads (1: on an oversubscribed CPU more threads spin-wait)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads (1 on an oversubscribed CPU)")
+    parser.add_argument("--model", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--random-circuit", type=int, default=1004,
+                        help="with --model: neurons in the random circuit (default 1004, 0.4%% of a 1.5B Qwen2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/server_throughput.json"))
     args = parser.parse_args()
     binary = llama_server_binary()
@@ -53,8 +61,11 @@ def main() -> None:
         sys.exit("llama-server is not built: run scripts/build_llama_server.sh")
 
     torch.set_num_threads(args.torch_threads)
-    model, tokenizer = cna_fast.load_model()
-    circuit = Circuit.load(ROOT / "docs/french.safetensors")
+    model, tokenizer = cna_fast.load_model(args.model)
+    if args.model is None:
+        circuit = Circuit.load(ROOT / "docs/french.safetensors")
+    else:
+        circuit = random_circuit(model, args.random_circuit)
     pool = bundled_prompts("french_heldout") + bundled_prompts("english_questions")
     work = Path(tempfile.mkdtemp(prefix="cna-server-bench-"))
     prompts = work / "prompts.jsonl"
@@ -86,11 +97,30 @@ def main() -> None:
                                          concurrency=args.slots, progress=False)
             record("llama-server (Q4_1 + LoRA)", steered, summary, {"slots": args.slots,
                                                                     "server_threads": args.server_threads})
-    result = {"prompts": args.prompts, "max_new_tokens": args.tokens, "model": "SmolLM2-135M-Instruct (embedded)",
+    name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct (embedded)"
+    result = {"prompts": args.prompts, "max_new_tokens": args.tokens, "model": name, "circuit_neurons": len(circuit),
               "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), "machine": platform.machine(),
               "llama_server": str(binary), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def random_circuit(model, size: int, seed: int = 0):
+    """`size` neurons drawn at random over all layers of `model` (no statistics), recording its architecture."""
+    import torch
+
+    from cna_fast import get_adapter
+    from cna_fast.circuit import Circuit
+
+    adapter = get_adapter(model)
+    ends = torch.tensor(adapter.widths).cumsum(0)
+    chosen = torch.randperm(int(ends[-1]), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    layers = torch.searchsorted(ends, chosen, right=True)
+    neurons = chosen - (ends - torch.tensor(adapter.widths))[layers]
+    nan = torch.full((size,), float("nan"))
+    return Circuit(layers=layers.tolist(), neurons=neurons.tolist(), scores=nan, deltas=nan, mean_positive=nan,
+                   mean_negative=nan, std_positive=nan, std_negative=nan,
+                   meta={"architecture": adapter.architecture(), "random_control": {"seed": seed}})
 
 
 if __name__ == "__main__":
