@@ -38,15 +38,21 @@ def one_of(value: object, choices: tuple, what: str, meanings: str = "") -> obje
     return value
 
 
-def text_list(value: object, name: str) -> list[str]:
-    """`value` as a list of strings: a list (or other iterable) of text, never one string (which would be iterated
-    as single characters)."""
+def not_one_string(value: object, name: str) -> object:
+    """`value` (a list or a lazy stream of prompts, left unread) unless it is one string or a number: a string
+    would be read as single characters."""
     if isinstance(value, (str, bytes)):
         raise CNAError(f"{name} must be a list of strings, got one string {value[:60]!r} (it would be read as single "
                        f"characters): pass [{value[:30]!r}]")
-    if isinstance(value, numbers.Number) or not hasattr(value, "__iter__"):
+    if not hasattr(value, "__iter__"):
         raise CNAError(f"{name} must be a list of strings, got {type(value).__name__} {value!r}")
-    items = list(value)
+    return value
+
+
+def text_list(value: object, name: str) -> list[str]:
+    """`value` as a list of strings: a list (or other iterable) of text, never one string (which would be iterated
+    as single characters)."""
+    items = list(not_one_string(value, name))
     bad = next((item for item in items if not isinstance(item, str)), None)
     if bad is not None:
         raise CNAError(f"{name} must be a list of strings, but it holds {type(bad).__name__} {bad!r}")

@@ -511,3 +511,19 @@ def test_generate_past_the_context_is_refused(gpt2_dir, tmp_path, capsys):
     assert main([*base, "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "4", "--out", str(out),
                  "--skip-bad"]) == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["zebra"]
+
+
+@pytest.mark.parametrize("entry", ["generate", "compare_methods", "discover"])
+def test_one_string_where_prompts_belong_names_the_parameter(entry, tokenizer):
+    """Every public entry point that takes prompts refuses one string (read as single characters) by name."""
+    from cna_fast import discover
+    from cna_fast.evaluation import compare_methods
+    from cna_fast.steering import generate
+
+    model = build_tiny_model("llama", len(tokenizer))
+    calls = {"generate": lambda: generate(model, tokenizer, "Bonjour", progress=False),
+             "compare_methods": lambda: compare_methods(model, tokenizer, make_circuit(model), "Bonjour",
+                                                        progress=False),
+             "discover": lambda: discover(model, tokenizer, "Bonjour", ["Hello"], progress=False)}
+    with pytest.raises(CNAError, match="(prompts|positive).*(list of strings|wrap a single prompt)"):
+        calls[entry]()

@@ -17,7 +17,7 @@ import torch
 
 from .._io import csv_text, write_text_atomic
 from ..circuit import Circuit
-from ..errors import CNAError
+from ..errors import CNAError, text_list
 from ..settings import with_options
 from ..steering import AddDirections, GenerationSettings, caa, generate, steer
 from .judges import judge_answers, resolve_behavior
@@ -180,7 +180,8 @@ def compare_methods(model, tokenizer, circuit: Circuit, prompts: Sequence[str],
     """
     classifier = resolve_behavior(behavior)
     generation, = with_options(options, generation or GenerationSettings(max_new_tokens=48))
-    prompts, strengths = list(prompts), [float(value) for value in strengths]
+    prompts, strengths = text_list(prompts, "prompts"), [float(value) for value in strengths]
+    neutral = text_list(neutral, "neutral") if neutral is not None else None
     _check_comparison(circuit, prompts, strengths, methods)
     control = circuit.random_like(control_seed)
     configs = [(method, value) for method in methods for value in strengths]
