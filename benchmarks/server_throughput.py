@@ -95,7 +95,7 @@ def main() -> None:
             summary = generate_on_server(server.url, tokenizer, prompts, out, circuits={"french": circuit},
                                          multiplier=0.0 if steered else 1.0, max_new_tokens=args.tokens,
                                          concurrency=args.slots, progress=False)
-            record("llama-server (Q4_1 + LoRA)", steered, summary, {"slots": args.slots,
+            record("llama-server (source GGUF + LoRA)", steered, summary, {"slots": args.slots,
                                                                     "server_threads": args.server_threads})
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct (embedded)"
     result = {"prompts": args.prompts, "max_new_tokens": args.tokens, "model": name, "circuit_neurons": len(circuit),
