@@ -15,7 +15,7 @@ from torch import nn
 
 from ..batching import encode_prompts, generation_overflow
 from ..circuit import Circuit, as_multiplier
-from ..errors import CNAError, text_list
+from ..errors import CNAError
 from ..models import is_moe
 from ..settings import with_options
 from .residual import AddDirections, caa
@@ -69,7 +69,6 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *,
     """
     from tqdm.auto import tqdm
 
-    prompts = text_list(prompts, "prompts")
     settings, extra = with_options(options, generation or GenerationSettings(), passthrough=True)
     prompts = checked_prompts(prompts)
     circuits = None if circuits is None else as_circuits(circuits)
