@@ -30,16 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def vllm_loader_check(adapter: Path) -> str:
-    """Load the adapter with vLLM's own code; the outcome as a line."""
-    try:
-        from vllm.lora.peft_helper import PEFTHelper
-    except ImportError as error:
-        return f"vllm's PEFTHelper not importable ({error}): cna_fast.export.serving's restated checks only"
-    from vllm.config.lora import LoRAConfig
+    """Load the adapter with vLLM's own code (through check_vllm_adapter); the outcome as a line."""
+    from cna_fast.export import check_vllm_adapter
 
-    helper = PEFTHelper.from_local_dir(str(adapter), max_position_embeddings=8192)
-    helper.validate_legal(LoRAConfig(max_lora_rank=max(8, helper.r), max_loras=1))
-    return f"vllm PEFTHelper loaded it: r={helper.r}, alpha={helper.lora_alpha}, targets={helper.target_modules}"
+    problems = check_vllm_adapter(adapter).problems
+    return "vLLM's loader and the restated checks accept it" if not problems else "; ".join(problems)
 
 
 def wait_ready(url: str, process, timeout: float = 900) -> None:

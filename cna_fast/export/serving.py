@@ -201,7 +201,29 @@ def check_vllm_adapter(folder: str | os.PathLike, architecture: str | None = Non
     problems, modules = _tensor_problems(tensors, rank, expected_suffix, model)
     result.problems.extend(problems)
     result.modules = modules
+    if not result.problems:
+        result.problems.extend(vllm_loader_problems(folder))
     return result
+
+
+def vllm_loader_problems(folder: str | os.PathLike) -> list[str]:
+    """Where vLLM is importable, what its own loader (`PEFTHelper`: config, then `validate_legal`) says of the
+    adapter folder; where it is not, nothing (the restated checks above are all there is)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return []
+    try:
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.peft_helper import PEFTHelper
+
+        helper = PEFTHelper.from_local_dir(str(folder), max_position_embeddings=8192)
+        helper.validate_legal(LoRAConfig(max_lora_rank=serve_rank(helper.r) or VLLM_MAX_RANK, max_loras=1))
+    except ImportError as error:  # a vLLM without these names: say so rather than pass silently
+        return [f"vLLM is installed but its adapter loader could not be imported ({error})"]
+    except Exception as error:  # whatever vLLM's loader raises is its verdict on the adapter
+        return [f"vLLM's own loader refuses the adapter: {type(error).__name__}: {error}"]
+    return []
 
 
 def check_lora_rank_for_vllm(rank: int) -> None:
