@@ -70,3 +70,18 @@ def default_model():
     from cna_fast import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """Conversions (GGUF files into Hugging Face folders) go to a cache folder of the test's own, never the user's."""
+    monkeypatch.setenv("CNA_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tokenizer):
+    """The tiny Llama written as a GGUF file (tests/tiny_gguf.py): its path, and the model of the stored values."""
+    from tests.tiny_gguf import write_tiny_llama_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    return path, write_tiny_llama_gguf(path, tokenizer)

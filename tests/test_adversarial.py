@@ -20,10 +20,7 @@ from tests.tiny import build_tiny_model
 PROMPTS = ["zebra", "what is the capital of france", "bread and salt", "the quick brown fox"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Conversions go to a cache folder of the test's own, never the user's."""
-    monkeypatch.setenv("CNA_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+pytestmark = pytest.mark.usefixtures("private_cache")  # conversions never go to the user's cache
 
 
 def make_circuit(model, layers=(1, 2), neurons=(3, 5), **extra) -> Circuit:
@@ -157,12 +154,8 @@ def test_generate_to_file_circuits_as_a_list(job, tokenizer, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory, tokenizer):
-    from tests.tiny_gguf import write_tiny_llama_gguf
-
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_llama_gguf(path, tokenizer)
-    return path
+def gguf_path(tiny_gguf):
+    return tiny_gguf[0]
 
 
 def test_gguf_force_replaces_only_a_previous_export(gguf_path, tmp_path):

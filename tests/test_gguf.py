@@ -29,16 +29,7 @@ NEURONS = [5, 40, 0, 95, 64]
 TOLERANCE = {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 2e-3, None: 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Every test converts into its own cache folder, never the user's."""
-    monkeypatch.setenv("CNA_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    return path, write_tiny_llama_gguf(path, tokenizer)
+pytestmark = pytest.mark.usefixtures("private_cache")  # every test converts into its own cache folder
 
 
 def inputs(tokenizer):
@@ -63,8 +54,8 @@ def cache_folders() -> list[Path]:
 # ------------------------------------------------------------------------------------------------ GGUF in
 
 
-def test_gguf_loads_as_the_values_it_stores(gguf_file, tokenizer):
-    path, truth = gguf_file
+def test_gguf_loads_as_the_values_it_stores(tiny_gguf, tokenizer):
+    path, truth = tiny_gguf
     model, loaded_tokenizer = load_model(path)
     assert gguf_source(model) == path.resolve()
     batch = inputs(tokenizer)
@@ -94,7 +85,7 @@ def test_conversion_is_cached_by_content(tmp_path, tokenizer):
     torch.testing.assert_close(logits(model, batch), logits(truth, batch), atol=1e-6, rtol=0)
 
 
-def test_bad_gguf_files_raise(tmp_path, gguf_file):
+def test_bad_tiny_ggufs_raise(tmp_path, tiny_gguf):
     with pytest.raises(CNAError, match="does not exist"):
         load_model(tmp_path / "missing.gguf")
     not_gguf = tmp_path / "weights.gguf"
@@ -102,7 +93,7 @@ def test_bad_gguf_files_raise(tmp_path, gguf_file):
     with pytest.raises(CNAError, match="not a GGUF file"):
         load_model(not_gguf)
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(gguf_file[0].read_bytes()[:5000])
+    truncated.write_bytes(tiny_gguf[0].read_bytes()[:5000])
     with pytest.raises(CNAError, match="corrupt or truncated"):
         load_model(truncated)
     unsupported = tmp_path / "unsupported.gguf"
@@ -171,8 +162,8 @@ def round_trip_bf16(weight: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("gguf_type", [None, "F32", "F16", "BF16", "Q8_0"])
-def test_exported_gguf_equals_steered_model(gguf_file, tokenizer, tmp_path, gguf_type):
-    path, _ = gguf_file
+def test_exported_gguf_equals_steered_model(tiny_gguf, tokenizer, tmp_path, gguf_type):
+    path, _ = tiny_gguf
     multiplier = 2.5
     model, _ = load_model(path)
     circuit = make_circuit(model, LAYERS, NEURONS)
@@ -188,9 +179,9 @@ def test_exported_gguf_equals_steered_model(gguf_file, tokenizer, tmp_path, gguf
     assert error <= TOLERANCE[gguf_type] and effect > 20 * error, (error, effect)
 
 
-def test_ablation_export_and_cli(gguf_file, tokenizer, tmp_path, capsys):
+def test_ablation_export_and_cli(tiny_gguf, tokenizer, tmp_path, capsys):
     """Multiplier 0 through `cna export --format gguf`; the written file reproduces the ablated model."""
-    path, _ = gguf_file
+    path, _ = tiny_gguf
     model, _ = load_model(path)
     circuit = make_circuit(model, LAYERS, NEURONS)
     for name in ("scores", "deltas", "mean_positive"):  # make_circuit shares one tensor; files need their own
@@ -215,8 +206,8 @@ def test_ablation_export_and_cli(gguf_file, tokenizer, tmp_path, capsys):
     assert code == 0 and GGUFReader(out).tensors[0].name == "token_embd.weight"
 
 
-def test_export_refusals(gguf_file, tokenizer, tmp_path):
-    path, _ = gguf_file
+def test_export_refusals(tiny_gguf, tokenizer, tmp_path):
+    path, _ = tiny_gguf
     model, _ = load_model(path)
     circuit = make_circuit(model, LAYERS, NEURONS)
     plain = build_tiny_model("llama", vocab_size=len(tokenizer))
@@ -278,9 +269,9 @@ def test_default_model_gguf_export(default_model, tmp_path, monkeypatch):
     assert error < 0.05 and effect > 20 * error, (error, effect)
 
 
-def test_every_command_takes_a_gguf_model(gguf_file, prompt_files, tmp_path, capsys):
+def test_every_command_takes_a_gguf_model(tiny_gguf, prompt_files, tmp_path, capsys):
     """discover, then generate, with --model pointing at the .gguf file."""
-    path, _ = gguf_file
+    path, _ = tiny_gguf
     positive, negative = prompt_files
     circuit_file = tmp_path / "circuit.safetensors"
     assert main(["discover", "--model", str(path), "--positive", str(positive), "--negative", str(negative),

@@ -22,21 +22,16 @@ from cna_fast.export.gguf_lora import (adapter_tensors_from_gguf, effective_mult
                                        lora_scale_for, read_provenance)
 from tests.test_export import make_circuit
 from tests.test_gguf import LAYERS, NEURONS, inputs, logits
-from tests.tiny_gguf import write_tiny_llama_gguf
 
 SCALES = (0.0, 0.5, 1.0, 2.0)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CNA_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_llama_gguf(path, tokenizer)
-    return path
+def gguf_file(tiny_gguf):
+    return tiny_gguf[0]
 
 
 def dequantized(tensor) -> np.ndarray:
