@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,25 +67,27 @@ def is_previous_export(path: str | os.PathLike) -> bool:
     return all(f"{_METADATA_PREFIX}{key}" in fields for key in _PROVENANCE_KEYS)
 
 
-def check_gguf_output(out: str | os.PathLike, force: bool) -> Path:
+def check_gguf_output(out: str | os.PathLike, force: bool, *, previous: Callable[[Path], bool] = is_previous_export,
+                      what: str = f"GGUF export of cna_fast (it has no {_METADATA_PREFIX}* provenance keys)",
+                      example: str = "steered.gguf") -> Path:
     """Refuse a folder, a missing parent, or an existing file, before any work is done.
 
-    An existing file is replaced only with `force`, and only when it is a previous export of this
-    tool (a GGUF carrying the `cna_fast.*` provenance keys): --force never replaces another model.
+    An existing file is replaced only with `force`, and only when `previous` says it is a previous export of
+    this tool (by default a GGUF carrying the `cna_fast.*` provenance keys): --force never replaces another
+    model. `what` names such an export in the message; `example` is a file name to suggest.
     """
     out = Path(out)
     if out.is_dir():
-        raise CNAError(f"output {str(out)!r} is a folder: give a file name such as steered.gguf")
+        raise CNAError(f"output {str(out)!r} is a folder: give a file name such as {example}")
     if not out.absolute().parent.is_dir():
         raise CNAError(f"parent folder of {str(out)!r} does not exist: create it first")
     if out.exists() or out.is_symlink():
         if not force:
             raise CNAError(f"output file {str(out)!r} exists: choose another name, or pass force=True (--force) to "
-                           "replace a previous GGUF export")
-        if out.is_symlink() or not is_previous_export(out):
-            raise CNAError(f"output file {str(out)!r} exists and is not a GGUF export of cna_fast (it has no "
-                           f"{_METADATA_PREFIX}* provenance keys): --force only replaces previous exports; choose "
-                           "another name")
+                           "replace a previous export")
+        if out.is_symlink() or not previous(out):
+            raise CNAError(f"output file {str(out)!r} exists and is not a {what}: --force only replaces previous "
+                           "exports; choose another name")
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from .._io import atomic_path
 from ..circuit import Circuit, as_multiplier
 from ..errors import CNAError
+from .gguf import _source_of, check_gguf_output
 
 FORMAT = "gguf-lora"
 _PREFIX = "cna_fast."
@@ -165,24 +166,12 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
 def check_gguf_lora_output(out: str | os.PathLike, force: bool) -> Path:
     """Refuse a folder, a missing parent, an existing file without --force, or (with it) any file that is not a
     previous GGUF LoRA export."""
-    out = Path(out)
-    if out.is_dir():
-        raise CNAError(f"output {str(out)!r} is a folder: give a file name such as steer.gguf")
-    if not out.absolute().parent.is_dir():
-        raise CNAError(f"parent folder of {str(out)!r} does not exist: create it first")
-    if out.exists():
-        if not force:
-            raise CNAError(f"output file {str(out)!r} exists: choose another name or pass force=True (--force)")
-        if read_provenance(out) is None:
-            raise CNAError(f"{str(out)!r} is not a GGUF LoRA written by cna export: --force replaces only a "
-                           "previous export; choose another name")
-    return out
+    return check_gguf_output(out, force, previous=lambda path: read_provenance(path) is not None,
+                             what="GGUF LoRA written by cna export (--format gguf-lora)", example="steer.gguf")
 
 
 def _architecture_of(model) -> tuple[str, object | None]:
     """(llama.cpp architecture name, the GGUF source or None)."""
-    from .gguf import _source_of
-
     if getattr(model, "cna_fast_gguf", None) is not None:
         source = _source_of(model)
         return "", source
