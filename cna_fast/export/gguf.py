@@ -41,7 +41,7 @@ def default_gguf_type(source_type: str) -> str:
     return source_type if source_type in GGUF_TYPES else "F16"
 
 
-def _source_of(model):
+def gguf_source_file(model):
     source = getattr(model, "cna_fast_gguf", None)
     if source is None:
         raise CNAError(_NOT_FROM_GGUF)
@@ -202,7 +202,7 @@ def export_gguf(model, circuit: Circuit, multiplier: float, out_path: str | os.P
     multiplier = as_multiplier(multiplier)
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise CNAError(f"unknown GGUF tensor type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
-    source = _source_of(model)
+    source = gguf_source_file(model)
     if Path(out_path).exists() and Path(out_path).resolve() == source.path.resolve():
         raise CNAError(f"output {str(out_path)!r} is the source GGUF itself: write to another file")
     out_path = check_gguf_output(out_path, force)

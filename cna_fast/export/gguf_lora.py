@@ -29,7 +29,7 @@ import numpy as np
 from .._io import atomic_path
 from ..circuit import Circuit, as_multiplier
 from ..errors import CNAError
-from .gguf import _source_of, check_gguf_output
+from .gguf import gguf_source_file, check_gguf_output
 
 FORMAT = "gguf-lora"
 _PREFIX = "cna_fast."
@@ -173,7 +173,7 @@ def check_gguf_lora_output(out: str | os.PathLike, force: bool) -> Path:
 def _architecture_of(model) -> tuple[str, object | None]:
     """(llama.cpp architecture name, the GGUF source or None)."""
     if getattr(model, "cna_fast_gguf", None) is not None:
-        source = _source_of(model)
+        source = gguf_source_file(model)
         return "", source
     model_type = getattr(model.config, "model_type", "")
     if model_type not in HF_TO_LLAMA_CPP:
