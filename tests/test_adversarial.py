@@ -201,7 +201,7 @@ def test_judge_that_is_not_a_model_folder(command, model_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------ tune: inputs, statistics, messages
 
-TUNE = {"sizes": [4], "multipliers": [0.0], "scores": ["diff"], "max_new_tokens": 2, "rungs": 1, "progress": False}
+TUNE = {"sizes": [4], "multipliers": [0.0], "scores": ["diff"], "max_new_tokens": 2, "progress": False}
 NEUTRAL = ["the history of rome began with a small village", "explain photosynthesis to a child in simple words"]
 
 

@@ -15,11 +15,11 @@ from cna_fast.search import (
     batched_kl,
     candidate_rows,
     disjoint_shells,
-    halving_rungs,
     multiplier_grid,
     size_grid,
 )
 from cna_fast.search import Candidate
+from cna_fast.search.tuning import screen_size
 from tests.planted_templates import (
     A_NEURONS,
     B_NEURONS,
@@ -100,7 +100,7 @@ def test_tight_budget_prefers_a_smaller_circuit(planted, plain_tokenizer):
     assert tight.chosen.size < generous.chosen.size and tight.chosen.kl <= 0.005
     assert not neuron_set(tight.circuit) & set(B_NEURONS)
     assert tight.chosen.behavior_rate == 0.5  # template A removed on the " capital" prompts
-    assert all(c.stage == "pruned by KL" for c in tight.candidates if c.kl > 0.005)
+    assert all(c.stage == "pruned by KL" for c in tight.candidates if c.kl is not None and c.kl > 0.005)
     assert all(c.kl <= 0.005 for c in tight.candidates if c.final)
 
 
@@ -258,8 +258,8 @@ def test_size_and_multiplier_grids():
         multiplier_grid("remove", [0.0, 1.0])
     with pytest.raises(CNAError):
         multiplier_grid("erase")
-    assert halving_rungs(40, 40, 2, 3) == [(14, 14), (40, 40)]
-    assert halving_rungs(8, 4, 3, 2) == [(4, 4), (4, 4), (8, 4)]
+    assert screen_size(25, 40) == (13, 24)  # the 1.5B refusal search: half the prompts, 60% of the tokens
+    assert screen_size(6, 4) == (6, 4)
 
 
 def test_bad_inputs(planted, plain_tokenizer):

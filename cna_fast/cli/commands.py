@@ -411,7 +411,7 @@ def run_tune(args) -> None:
     space = SearchSpace(sizes=args.sizes, multipliers=args.multipliers, goal=args.goal, iterative=args.iterative,
                         scores=[score.strip() for score in args.scores.split(",") if score.strip()],
                         exclude_layers=args.exclude_layers)
-    budget = SearchBudget(kl_budget=args.kl_budget, rungs=args.rungs,
+    budget = SearchBudget(kl_budget=args.kl_budget, minutes=args.time_budget, strategy=args.strategy,
                           neutral=read_prompts(args.neutral) if args.neutral else None)
     judging = Judging(behavior=args.behavior, quality_floor=args.quality_floor)
     capture = _capture_settings(args)

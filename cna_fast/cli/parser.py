@@ -10,7 +10,7 @@ from ..batching import LONG_PROMPT_POLICIES
 from ..evaluation import BEHAVIORS, DEFAULT_STRENGTHS
 from ..export import GGUF_TYPES
 from ..models.loading import COMPUTE_DTYPES
-from ..search import DEFAULT_KL_BUDGET, DEFAULT_QUALITY_FLOOR, GOALS
+from ..search import DEFAULT_KL_BUDGET, DEFAULT_QUALITY_FLOOR, GOALS, STRATEGIES
 from ..settings import DEFAULT_BATCH_SIZE, MOE_MODES, REDUCTIONS
 from ..steering import POSITION_MODES
 
@@ -263,7 +263,12 @@ def _add_tune_parser(commands) -> None:
     tune.add_argument("--iterative", type=int, default=0, metavar="ROUNDS",
                       help="rounds of re-discovery with the chosen circuit applied (default 0)")
     tune.add_argument("--max-new-tokens", type=_positive, default=40)
-    tune.add_argument("--rungs", type=_positive, default=2, help="successive-halving rungs (the last one is full)")
+    tune.add_argument("--time-budget", type=_positive_number, metavar="MINUTES",
+                      help="spend at most this long after discovery: later stages are cut to fit, and the result "
+                           "says what was left unmeasured (default: no limit)")
+    tune.add_argument("--strategy", choices=STRATEGIES, default="frontier",
+                      help="frontier: bisect on KL and generate only the settings nothing stronger dominates "
+                           "(default); full: measure and generate every setting (slow; the yardstick)")
     tune.add_argument("--out", required=True, help="the chosen circuit (.safetensors), its multiplier recorded")
     tune.add_argument("--csv", help="every setting measured, as CSV")
     tune.add_argument("--json", help="table, Pareto front, choice and answers as JSON")

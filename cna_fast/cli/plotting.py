@@ -142,14 +142,15 @@ def plot_tune(result, path: str | os.PathLike) -> None:
     budget and the chosen setting marked (a `cna_fast.search.TuneResult`)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    rows = [row for row in result.table if row["behavior_rate"] is not None and row["kl"] is not None]
+    rows = [row for row in result.table if row["kl"] is not None]
     colours = {"diff": "#4c72b0", "t": "#dd8452", "d": "#55a868"}
     for score, colour in colours.items():
-        for final, marker, alpha in ((False, "x", 0.35), (True, "o", 0.9)):
-            chosen = [row for row in rows if row["score"] == score and row["stage"].endswith("final") == final]
+        for rate, marker, alpha, label in (("screen_rate", "x", 0.35, "screened"), ("behavior_rate", "o", 0.9, "full")):
+            chosen = [row for row in rows if row["score"] == score and row[rate] is not None
+                      and (rate == "behavior_rate") == row["stage"].endswith("final")]
             if chosen:
-                axis.scatter([row["kl"] for row in chosen], [row["behavior_rate"] for row in chosen], marker=marker,
-                             color=colour, alpha=alpha, label=f"{score}, {'full' if final else 'screened'}")
+                axis.scatter([row["kl"] for row in chosen], [row[rate] for row in chosen], marker=marker,
+                             color=colour, alpha=alpha, label=f"{score}, {label}")
     front = [row for row in result.pareto if row["kl"] is not None]
     axis.plot([row["kl"] for row in front], [row["behavior_rate"] for row in front], "-", color="#c44e52",
               drawstyle="steps-post", label="Pareto front")

@@ -2,14 +2,19 @@
 
 The paper's fixed recipe (top 0.1% of neurons, multiplier 0) can remove a surface template and
 leave the behavior: another template takes over. So size, strength and score are searched. It is
-made cheap in three ways:
+made cheap enough for a CPU in four ways:
 
 - one discovery serves every size: the circuits of one score are prefixes of one ranking;
 - every setting is a row of the same batched passes (see `grid`: disjoint shells as rows);
-- KL on neutral text needs forward passes only, so it runs first, for every setting, and prunes
-  the settings over the budget; successive halving then judges the rest on a few prompts with
-  few tokens and spends full generations only on the most promising ones.
+- KL on neutral text needs forward passes only, and rises with circuit size and with |1 - m|, so
+  bisection along that order decides the whole grid's side of the budget from a few settings,
+  each measured on a few texts first and on all of them only near the budget (see `pruning`);
+- only the settings within the budget that nothing larger or stronger dominates are generated:
+  a screen on about half the prompts with most of the tokens (enough for a refusal to show),
+  then the best `finalists` in full, with the unsteered baseline and the paper's recipe.
 
+A time budget cuts the later stages to fit and reports what it left out; `strategy="full"`
+measures and generates the whole grid instead (the yardstick the pruning is checked against).
 Optionally, iterative discovery captures the statistics again with the chosen circuit applied,
 so that the neurons of the template that takes over are found, and tries their union.
 """
@@ -25,11 +30,11 @@ from typing import Any
 import torch
 
 from ..attribution import attribute, eligible_count
+from ..batching import encode_prompts
 from ..capture import capture_contrast
 from ..circuit import Circuit
-from ..errors import CircuitWeightsWarning, CNAError, positive_int, real_number, text_list
+from ..errors import CircuitWeightsWarning, CNAError, one_of, positive_int, real_number, text_list
 from ..evaluation import bundled_neutral_texts, judge_answers, quality, resolve_behavior
-from ..evaluation.metrics import next_token_logprobs, next_token_mask, token_kl
 from .._io import printable
 from ..models import get_adapter, is_moe
 from ..models.content import weights_differ
@@ -39,10 +44,15 @@ from ..stats import MoEStats, NeuronStats, Stats
 from ..steering import GenerationSettings, generate, steer
 from ..steering.scale import check_multiplier_fits
 from .grid import SearchSpace, candidate_rows, grid, paper_default, size_grid
+from .measure import NeutralKL, SearchClock
+from .pruning import OVER, WITHIN, decide_budget, frontier, next_milder, shrink
 from .result import Candidate, TuneResult, better_key, choose
 
 DEFAULT_KL_BUDGET = 0.1  # nats of mean next-token KL on neutral text
 DEFAULT_QUALITY_FLOOR = 0.9
+STRATEGIES = ("frontier", "full")
+# A first KL estimate decides a setting's side of the budget when it is at least this factor away from it.
+CLEAR_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,14 +61,21 @@ class SearchBudget:
 
     kl_budget: the most mean next-token KL (nats) a setting may cost on `neutral` text (default: the
         bundled paragraphs); settings over it are never generated.
-    rungs / eta: successive halving; every rung keeps 1/eta of the settings on eta times fewer prompts
-        and tokens than the next, the last one is full.
+    minutes: a time budget for the search after discovery (None: none); the stages are cut to fit and
+        the result lists what was left unmeasured.
+    strategy: "frontier" (bisection on KL, then only the settings nothing stronger dominates) or
+        "full" (KL of every setting on every text, every setting within the budget screened and
+        generated in full: the yardstick, and the screen's rank agreement with full runs).
+    finalists: settings generated in full after the screen. first_texts: neutral texts of a first KL
+        estimate; settings within a factor of 2 of the budget are measured on all of them.
     """
 
     kl_budget: float = DEFAULT_KL_BUDGET
     neutral: tuple[str, ...] | None = None
-    rungs: int = 2
-    eta: int = 3
+    minutes: float | None = None
+    strategy: str = "frontier"
+    finalists: int = 4
+    first_texts: int = 4
 
     def __post_init__(self) -> None:
         budget = real_number(self.kl_budget, "kl_budget")
@@ -69,9 +86,13 @@ class SearchBudget:
             if not neutral or not all(text.strip() for text in neutral):
                 raise CNAError("neutral must hold non-empty texts (or None for the bundled paragraphs)")
             object.__setattr__(self, "neutral", neutral)
-        positive_int(self.rungs, "rungs")
-        if positive_int(self.eta, "eta") < 2:
-            raise CNAError(f"successive halving needs eta >= 2, got {self.eta}")
+        if self.minutes is not None:
+            minutes = real_number(self.minutes, "minutes")
+            if not (math.isfinite(minutes) and minutes > 0):
+                raise CNAError(f"the time budget must be a positive number of minutes, got {self.minutes!r}")
+        one_of(self.strategy, STRATEGIES, "strategy", "frontier: prune by order; full: measure every setting")
+        positive_int(self.finalists, "finalists")
+        positive_int(self.first_texts, "first_texts")
 
     def neutral_texts(self) -> list[str]:
         return list(self.neutral) if self.neutral is not None else bundled_neutral_texts()
@@ -96,56 +117,17 @@ class Judging:
         return behavior if isinstance(behavior, str) else getattr(behavior, "__name__", "custom")
 
 
-def batched_kl(model, tokenizer, shells: Sequence[Circuit], table: torch.Tensor, texts: Sequence[str], *,
-               max_logits: int = 1 << 25, progress: bool = False) -> torch.Tensor:
-    """Mean next-token KL(unsteered || steered) on `texts` for every row of `table` [settings, shells].
-
-    The texts are repeated once per setting and run as rows of the same forwards, each row
-    steered by its own multipliers. The mean is over every real next-token position of all texts,
-    as in `evaluation.capability_metrics`. max_logits bounds the logits held at once (rows x tokens x vocab).
-    """
-    from tqdm.auto import tqdm
-
-    if not shells:
-        return torch.zeros(table.shape[0], dtype=torch.float64)
-    encoded = tokenizer(list(texts), return_tensors="pt", padding=True)
-    ids, attention = encoded.input_ids, encoded.attention_mask
-    mask = next_token_mask(attention)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, max_logits // (ids.shape[1] * vocab))
-    totals = torch.zeros(table.shape[0], dtype=torch.float64)
-    with tqdm(total=table.shape[0] * ids.shape[0], desc="KL", unit="row", disable=not progress) as bar:
-        for first in range(0, ids.shape[0], rows):
-            texts_here = list(range(first, min(first + rows, ids.shape[0])))
-            reference = next_token_logprobs(model, ids[texts_here], attention[texts_here])
-            pairs = [(setting, text) for setting in range(table.shape[0]) for text in range(len(texts_here))]
-            for start in range(0, len(pairs), rows):
-                settings = [setting for setting, _ in pairs[start:start + rows]]
-                local = [text for _, text in pairs[start:start + rows]]
-                chosen = [texts_here[text] for text in local]
-                with steer(model, list(shells), multipliers=table[settings]):
-                    steered = next_token_logprobs(model, ids[chosen], attention[chosen])
-                kl = token_kl(reference[local], steered) * mask[chosen]
-                totals.index_add_(0, torch.tensor(settings), kl.sum(-1).double())
-                bar.update(len(settings))
-    return (totals / mask.sum()).clamp_min(0.0)
-
-
-def halving_rungs(n_prompts: int, max_new_tokens: int, rungs: int, eta: int) -> list[tuple[int, int]]:
-    """(prompts, new tokens) per rung: each rung eta times fewer of both than the next, the last one full."""
-    if rungs < 1 or eta < 2:
-        raise CNAError(f"successive halving needs rungs >= 1 and eta >= 2, got {rungs} and {eta}")
-    schedule = []
-    for rung in range(rungs):
-        shrink = eta ** (rungs - 1 - rung)
-        schedule.append((min(n_prompts, max(4, math.ceil(n_prompts / shrink))),
-                         min(max_new_tokens, max(4, math.ceil(max_new_tokens / shrink)))))
-    return schedule
+def screen_size(n_prompts: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompts, new tokens) of the screen: about half the prompts (at least 8) and 60% of the tokens (at
+    least 16), so that a refusal has started in most answers and a few prompts do not decide the rank."""
+    return (min(n_prompts, max(8, math.ceil(n_prompts / 2))),
+            min(max_new_tokens, max(16, math.ceil(0.6 * max_new_tokens))))
 
 
 @dataclass
-class _Search:
-    """The model, prompts and settings of one search, and the measurements it runs."""
+class _Measurements:
+    """The model, prompts and settings of one search, what each measurement costs, and the measurements:
+    KL (each setting's side of the budget) and batched generations (behavior rate and quality)."""
 
     model: object
     tokenizer: object
@@ -155,59 +137,204 @@ class _Search:
     judging: Judging
     generation: GenerationSettings
     progress: bool
-    neutral: list[str] = field(default_factory=list)
     tokens_spent: int = 0
     baseline: Candidate = field(default_factory=lambda: Candidate(None, 0, 1.0, None, stage="baseline"))
 
     def __post_init__(self) -> None:
-        self.neutral = self.budget.neutral_texts()
-        self.rungs = halving_rungs(len(self.eval_prompts), self.generation.max_new_tokens, self.budget.rungs,
-                                   self.budget.eta)
-        self.baseline.kl = 0.0
+        self.neutral = NeutralKL(self.model, self.tokenizer, self.budget.neutral_texts(),
+                                 chunk_texts=self.budget.first_texts)
+        self.clock = SearchClock(self.budget.minutes, self.progress)
+        self.screen = screen_size(len(self.eval_prompts), self.generation.max_new_tokens)
+        lengths = [len(row) for row in encode_prompts(self.tokenizer, self.eval_prompts,
+                                                      self.generation.chat_template)]
+        self.prompt_tokens = sum(lengths) / len(lengths)
+        self.baseline.kl, self.baseline.over_budget = 0.0, False
+        with self.clock.timing("forward", self.neutral.tokens()):
+            for chunk in range(len(self.neutral.chunks)):  # the unsteered pass, kept for every setting
+                self.neutral.reference(chunk)
 
-    def measure_kl(self, candidates: list[Candidate]) -> None:
+    # ------------------------------------------------------------------------------------ costs
+    def generation_cost(self, settings: int, prompts: int, tokens: int) -> float:
+        return self.clock.cost("generate", settings * prompts * (self.prompt_tokens + tokens))
+
+    def remaining(self, pending: int, screened: int, finalists: int) -> float:
+        """Seconds the rest of the search should take: `pending` settings still to place on either side of
+        the KL budget (about 2 bisection probes per multiplier and score), `screened` to screen, `finalists`
+        to generate in full (and their KL on every text)."""
+        probes = min(pending, 2 * len(self.space.multiplier_list()) * len(self.space.scores)) if pending else 0
+        first = self.neutral.tokens(self.budget.first_texts)
+        kl = self.clock.cost("forward", probes * (first + 0.3 * self.neutral.tokens()) + finalists
+                             * self.neutral.tokens() * 0.5)
+        screen = self.generation_cost(screened, *self.screen) if screened > self.budget.finalists else 0.0
+        final = self.generation_cost(finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
+        return kl + screen + final
+
+    def full_grid_seconds(self, settings: int) -> float:
+        """Every setting's KL on every text and every setting generated in full, at the rates measured."""
+        return (self.clock.cost("forward", settings * self.neutral.tokens())
+                + self.generation_cost(settings + 1, len(self.eval_prompts), self.generation.max_new_tokens))
+
+    # ------------------------------------------------------------------------------------- KL
+    def measure_kl(self, candidates: list[Candidate], texts: int | None = None) -> None:
+        """KL of `candidates` as rows of the same forwards, on the first `texts` neutral texts (all when None)."""
+        if not candidates:
+            return
         shells, table = candidate_rows(candidates)
-        values = batched_kl(self.model, self.tokenizer, shells, table, self.neutral, progress=self.progress)
+        with self.clock.timing("forward", len(candidates) * self.neutral.tokens(texts)):
+            values = self.neutral.measure(shells, table, texts)
         for candidate, value in zip(candidates, values.tolist()):
             candidate.kl = value if math.isfinite(value) else math.inf
-            if not candidate.kl <= self.budget.kl_budget:
-                candidate.stage = "pruned by KL"
+            candidate.kl_texts = self.neutral.texts_used(texts)
+            candidate.over_budget = not candidate.kl <= self.budget.kl_budget
 
+    def probe(self, candidate: Candidate) -> str:
+        """One setting's side of the KL budget: a first estimate on a few texts, all texts when it is close."""
+        budget, first = self.budget.kl_budget, self.budget.first_texts
+        if self.neutral.texts_used(first) < self.neutral.texts:
+            self.measure_kl([candidate], first)
+            if not budget / CLEAR_FACTOR <= candidate.kl <= budget * CLEAR_FACTOR:
+                return OVER if candidate.over_budget else WITHIN
+        self.measure_kl([candidate])
+        return OVER if candidate.over_budget else WITHIN
+
+    def place(self, candidates: list[Candidate], reserve: float) -> list[Candidate]:
+        """Decide every setting's side of the KL budget; returns those within it. `reserve`: seconds to keep
+        for the generations."""
+        if self.budget.strategy == "full":
+            self.measure_kl(candidates)
+        else:
+            def stop() -> bool:
+                pending = sum(candidate.over_budget is None for candidate in candidates)
+                self.clock.show(self.remaining(pending, 2 * len(self.space.multiplier_list()),
+                                               self.budget.finalists))
+                return self.clock.left() < reserve
+
+            verdicts = decide_budget(candidates, self.probe, stop)
+            for candidate in candidates:
+                verdict = verdicts.get(id(candidate))
+                if verdict is None:
+                    candidate.stage = "skipped (time budget)"
+                elif candidate.kl is None:  # decided by the order, from a setting that was measured
+                    candidate.over_budget = verdict == OVER
+                    candidate.stage = "pruned by KL (implied)" if verdict == OVER else "within budget (implied)"
+        for candidate in candidates:
+            if candidate.over_budget and candidate.stage == "grid":
+                candidate.stage = "pruned by KL"
+        return [candidate for candidate in candidates if candidate.over_budget is False]
+
+    # ---------------------------------------------------------------------------- generation
     def judge_rows(self, candidates: list[Candidate], n_prompts: int, tokens: int, stage: str) -> None:
         """Generate for every candidate on the first `n_prompts` eval prompts, as rows of one batched run."""
         prompts = self.eval_prompts[:n_prompts]
         shells, table = candidate_rows(candidates)
         steering = {"circuits": shells, "multipliers": table.repeat_interleave(n_prompts, 0)} if shells else {}
-        texts = generate(self.model, self.tokenizer, prompts * len(candidates), progress=self.progress,
-                         generation=dataclasses.replace(self.generation, max_new_tokens=tokens), **steering)
+        cost = len(candidates) * n_prompts * (self.prompt_tokens + tokens)
+        with self.clock.timing("generate", round(cost)):
+            texts = generate(self.model, self.tokenizer, prompts * len(candidates), progress=self.progress,
+                             generation=dataclasses.replace(self.generation, max_new_tokens=tokens), **steering)
         self.tokens_spent += len(texts) * tokens
         judge = resolve_behavior(self.judging.behavior)
         for index, candidate in enumerate(candidates):
             outputs = texts[index * n_prompts:(index + 1) * n_prompts]
-            candidate.behavior_rate = sum(judge_answers(judge, prompts, outputs)) / len(outputs)
-            candidate.quality = sum(quality(text) for text in outputs) / len(outputs)
-            candidate.prompts, candidate.new_tokens, candidate.stage = n_prompts, tokens, stage
+            rate = sum(judge_answers(judge, prompts, outputs)) / len(outputs)
+            mean_quality = sum(quality(text) for text in outputs) / len(outputs)
             candidate.tokens_spent += n_prompts * tokens
-            candidate.outputs = outputs
+            if stage.endswith("screen"):
+                candidate.screen_rate, candidate.screen_quality = rate, mean_quality
+            if (n_prompts, tokens) == (len(self.eval_prompts), self.generation.max_new_tokens):
+                candidate.behavior_rate, candidate.quality = rate, mean_quality  # a screen this size is a full run
+                candidate.prompts, candidate.new_tokens, candidate.outputs = n_prompts, tokens, outputs
+            candidate.stage = stage
 
-    def halve(self, candidates: list[Candidate], label: str, forced: Sequence[Candidate] = ()) -> None:
-        """Successive halving over the settings within the KL budget; `forced` join the last rung."""
-        alive = [candidate for candidate in candidates if candidate.kl <= self.budget.kl_budget]
-        for rung, (n_prompts, tokens) in enumerate(self.rungs):
-            last = rung == len(self.rungs) - 1
-            if last:
-                alive += [candidate for candidate in forced if candidate not in alive]
-            stage = f"{label}final" if last else f"{label}screen {rung + 1}"
-            self.judge_rows([self.baseline, *alive] if label == "" else alive, n_prompts, tokens, stage)
-            if last:
-                for candidate in alive:
-                    candidate.final = True
-            else:
-                ranked = better_key(self.space.goal)  # settings under the quality floor go last
-                alive.sort(key=lambda candidate: (candidate.quality < self.judging.quality_floor, *ranked(candidate)))
-                alive = alive[:max(min(4, len(alive)), math.ceil(len(alive) / self.budget.eta))]
-        self.baseline.final = True
-        self.baseline.stage = "baseline"
+class _Search(_Measurements):
+    """The stages of one search: place every setting on the KL budget, screen, shrink, generate in full."""
+
+    def screen_rank(self, candidates: list[Candidate]) -> list[Candidate]:
+        """Best first by the screen: settings under the quality floor last, then the goal's order."""
+        ranked = better_key(self.space.goal)
+        return sorted(candidates, key=lambda c: (c.screen_quality < self.judging.quality_floor,
+                                                 *ranked(dataclasses.replace(c, behavior_rate=c.screen_rate,
+                                                                             kl=c.kl or 0.0))))
+
+    def run_screen(self, within: list[Candidate], label: str) -> list[Candidate]:
+        """Screen the undominated settings (and, for any under the quality floor, the next milder ones), then
+        look below the best one for the smallest, mildest setting that screens as well; returns the finalists.
+        When nothing is dominated and few settings are left, all of them are finalists without a screen."""
+        finalists = self.budget.finalists
+        chosen = list(within) if self.budget.strategy == "full" else frontier(within)
+        for candidate in within:
+            if candidate not in chosen:
+                candidate.stage = "dominated"
+        if len(chosen) == len(within) <= finalists and self.budget.strategy != "full":
+            return chosen
+        chosen = self.fit_screen(chosen)
+        screened, tried = [], set()
+        while chosen:
+            self.judge_rows(chosen, *self.screen, f"{label}screen")
+            screened += chosen
+            tried |= {id(candidate) for candidate in chosen}
+            failed = [c for c in chosen if c.screen_quality < self.judging.quality_floor]
+            chosen = list({id(m): m for c in failed for m in next_milder(c, within, tried)}.values())
+            chosen = self.fit_screen(chosen) if chosen else []
+        if self.budget.strategy == "full" or not screened:
+            return screened
+        best = self.screen_rank(screened)[0]
+        sign = 1.0 if self.space.goal == "remove" else -1.0
+
+        def as_good(candidate: Candidate) -> bool:
+            if id(candidate) not in tried:
+                self.judge_rows([candidate], *self.screen, f"{label}screen")
+                screened.append(candidate)
+                tried.add(id(candidate))
+            return (candidate.screen_quality >= self.judging.quality_floor
+                    and sign * candidate.screen_rate <= sign * best.screen_rate)
+
+        per_setting = self.generation_cost(1, *self.screen)
+        final = self.generation_cost(finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
+        shrink(best, within, as_good, stop=lambda: self.clock.left() < final + per_setting)
+        return self.screen_rank(screened)[:finalists]
+
+    def fit_screen(self, chosen: list[Candidate]) -> list[Candidate]:
+        """As many of `chosen` as the time budget allows before the final run (the strongest first)."""
+        if math.isinf(self.clock.left()):
+            return chosen
+        final = self.generation_cost(self.budget.finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
+        per_setting = self.generation_cost(1, *self.screen)
+        fits = max(0, int((self.clock.left() - final) // per_setting)) if per_setting > 0 else len(chosen)
+        ordered = sorted(chosen, key=lambda c: -(c.kl or 0.0))  # closest to the budget: the strongest
+        for candidate in ordered[fits:]:
+            candidate.stage = "skipped (time budget)"
+        return ordered[:fits]
+
+    def run_final(self, finalists: list[Candidate], label: str, with_baseline: bool) -> None:
+        """Generate the finalists in full (with the baseline), as the time budget allows, and measure their KL
+        on every neutral text."""
+        per_setting = self.generation_cost(1, len(self.eval_prompts), self.generation.max_new_tokens)
+        fits = len(finalists)
+        if not math.isinf(self.clock.left()):  # at least one, so that a search always has a choice to offer
+            fits = max(1, int(self.clock.left() // per_setting) - int(with_baseline))
+            for candidate in finalists[fits:]:
+                candidate.stage = "skipped (time budget)"
+        finalists = finalists[:fits]
+        self.measure_kl([candidate for candidate in finalists if candidate.kl_texts < self.neutral.texts])
+        pending = [candidate for candidate in ([self.baseline] if with_baseline else []) + finalists
+                   if candidate.prompts < len(self.eval_prompts)]  # not yet generated in full (by the screen)
+        if pending:
+            self.judge_rows(pending, len(self.eval_prompts), self.generation.max_new_tokens, f"{label}final")
+        for candidate in finalists:
+            candidate.final, candidate.stage = True, f"{label}final"
+        self.baseline.final, self.baseline.stage = True, "baseline"
+
+    def search(self, candidates: list[Candidate], label: str = "", forced: Sequence[Candidate] = ()) -> None:
+        """Place the settings on the KL budget, screen the undominated ones, generate the best in full."""
+        reserve = self.generation_cost(2, len(self.eval_prompts), self.generation.max_new_tokens)
+        within = self.place(candidates, reserve)
+        self.clock.show(self.remaining(0, len(frontier(within)), self.budget.finalists))
+        finalists = self.run_screen(within, label)
+        finalists += [candidate for candidate in forced if candidate not in finalists]
+        self.clock.show(self.remaining(0, 0, len(finalists)))
+        self.run_final(finalists, label, with_baseline=label == "")
+        self.clock.show(0.0)
 
     def choose(self, candidates: list[Candidate]) -> Candidate | None:
         return choose(candidates, self.budget.kl_budget, self.judging.quality_floor, self.space.goal)
@@ -223,7 +350,7 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
     positive / negative: discovery prompts (or `stats`, saved statistics of them: one discovery
         serves every size). eval_prompts: held-out prompts whose answers show the behavior.
     space: what is searched (sizes, multipliers, scores, goal, exclude_layers, iterative rounds).
-    budget: what it may cost (kl_budget on neutral text, successive-halving rungs and eta).
+    budget: what it may cost (kl_budget on neutral text, minutes, strategy, finalists).
     judging: how answers are judged (behavior, quality_floor).
     capture / generation: how the discovery prompts are captured and the eval answers generated
         (default: 40 new tokens in batches of 32).
@@ -253,19 +380,21 @@ def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequ
     if stats.meta.get("model") is not None:
         meta["statistics_model"] = stats.meta["model"]  # where the statistics came from, when given saved ones
     candidates = grid(stats, space, sizes, adapter.num_neurons, meta)
-    search.measure_kl(candidates)
     reference = paper_default(candidates, adapter.num_neurons, space.goal)
-    search.halve(candidates, "", forced=[reference] if reference is not None else [])
+    search.search(candidates, forced=[reference] if reference is not None else [])
     chosen = search.choose(candidates)
     for round_number in range(1, space.iterative + 1):
         if chosen is None:
             break
         candidates += _iterative_round(search, chosen, round_number, positive, negative, sizes, capture)
         chosen = search.choose(candidates)
+    search.clock.close()
     result = TuneResult(candidates=candidates, baseline=search.baseline, chosen=chosen, behavior=judging.name,
                         goal=space.goal, kl_budget=float(budget.kl_budget), quality_floor=float(judging.quality_floor),
                         total_neurons=adapter.num_neurons, tokens_spent=search.tokens_spent,
-                        full_grid_tokens=(len(candidates) + 1) * len(eval_prompts) * generation.max_new_tokens)
+                        full_grid_tokens=(len(candidates) + 1) * len(eval_prompts) * generation.max_new_tokens,
+                        seconds=search.clock.elapsed(), full_grid_seconds=round(search.full_grid_seconds(
+                            len(candidates)), 1), time_budget=budget.minutes)
     result.circuit = _chosen_circuit(model, chosen, stats, result.summary_meta())
     return result
 
@@ -302,8 +431,7 @@ def _iterative_round(search: _Search, chosen: Candidate, round_number: int, posi
     """One round of iterative discovery: capture with `chosen` applied, measure the unions with the new neurons."""
     found = rediscover(search.model, search.tokenizer, chosen, positive, negative, space=search.space, sizes=sizes,
                        round_number=round_number, capture=capture, progress=search.progress)
-    search.measure_kl(found)
-    search.halve(found, f"round {round_number} ")
+    search.search(found, f"round {round_number} ")
     return found
 
 
