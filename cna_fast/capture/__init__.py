@@ -3,6 +3,8 @@
 `capturer_for` makes the dense / mixture-of-experts choice once: a `Capturer` returns
 `NeuronStats`, an `MoECapturer` returns `MoEStats`. `capture_contrast` runs the positive and
 negative prompts of a contrast through it (sharded over ranks when distributed, checkpointed).
+`residual_directions` takes the residual stream's per-layer mean difference instead (the direction
+that directional ablation projects out).
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from .checkpoint import DEFAULT_EVERY, Checkpoint
 from .distributed import init_distributed, rank_and_world, shard
 from .forward import Recorder, SharedPrefix, StopForward, eval_mode
 from .moe import MoECapturer
+from .residual import MIDDLE_DEPTH, ResidualDirections, residual_directions
 
-__all__ = ["DEFAULT_EVERY", "Accumulator", "Capturer", "Checkpoint", "DeviceStats", "FusedMoments", "MoECapturer",
-           "Recorder", "SharedPrefix", "StopForward", "capture_contrast", "capturer_for", "eval_mode",
-           "init_distributed"]
+__all__ = ["DEFAULT_EVERY", "MIDDLE_DEPTH", "Accumulator", "Capturer", "Checkpoint", "DeviceStats", "FusedMoments",
+           "MoECapturer", "Recorder", "ResidualDirections", "SharedPrefix", "StopForward", "capture_contrast",
+           "capturer_for", "eval_mode", "init_distributed", "residual_directions"]
 
 
 def capturer_for(model: nn.Module, tokenizer, settings: CaptureSettings | None = None, *, progress: bool = True,

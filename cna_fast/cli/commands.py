@@ -304,24 +304,65 @@ def run_sweep(args) -> None:
                 (args.plot, lambda path: plot_sweep(rows, path, behavior=args.behavior))])
 
 
+def _direction_prompts(args, baselines: list[str]) -> tuple[list[str], list[str]] | None:
+    """The ablation baseline's positive and negative prompts, read before any model loads (None without ablation)."""
+    from ..prompts import read_prompts
+
+    if "ablation" not in baselines:
+        if args.positive or args.negative or args.direction_layer is not None:
+            raise CNAError("--positive, --negative and --direction-layer define the ablation baseline's direction: "
+                           "add ablation to --baseline (e.g. --baseline caa,random,ablation)")
+        return None
+    if not (args.positive and args.negative):
+        raise CNAError("--baseline ablation needs the two prompt sets of its residual direction: pass --positive "
+                       "HARMFUL.txt (prompts that show the behavior) and --negative HARMLESS.txt (prompts that do not)")
+    return read_prompts(args.positive), read_prompts(args.negative)
+
+
+def _ablation_direction(args, model, tokenizer, generation, direction_prompts):
+    """The unit direction of the ablation baseline (None without it), with a line saying which layer it is."""
+    from ..capture import residual_directions
+
+    if direction_prompts is None:
+        return None
+    directions = residual_directions(model, tokenizer, *direction_prompts, chat_template=generation.chat_template,
+                                     batch_size=args.batch_size, progress=not args.quiet)
+    layer = directions.best_layer() if args.direction_layer is None else args.direction_layer
+    direction = directions.direction(layer)
+    chosen = "chosen" if args.direction_layer is None else "given"
+    print(f"ablation direction: residual layer {layer} of 0..{directions.num_layers} ({chosen}; Cohen's d "
+          f"{float(directions.cohens_d[layer]):.2f}) from {len(direction_prompts[0])} positive and "
+          f"{len(direction_prompts[1])} negative prompts")
+    return direction
+
+
 def run_eval(args) -> None:
     from ..evaluation import METHODS, compare_methods, default_strengths
+    from ..steering import ablation_changed_parameters, circuit_changed_parameters
     from .plotting import plot_evaluation, write_html_report
 
     baselines = [] if args.baseline.strip() == "none" else [b.strip() for b in args.baseline.split(",") if b.strip()]
     unknown = [b for b in baselines if b not in METHODS or b == "cna"]
     if unknown:
-        raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, or none")
+        raise CNAError(f"unknown baseline(s) {unknown}: choose caa, random, ablation, or none")
+    direction_prompts = _direction_prompts(args, baselines)
     prompts, generation, circuit, model, tokenizer, behavior = _load_for_evaluation(args)
+    direction = _ablation_direction(args, model, tokenizer, generation, direction_prompts)
     strengths = args.multipliers if args.multipliers is not None else default_strengths(circuit)
     result = compare_methods(model, tokenizer, circuit, prompts, strengths, methods=["cna", *baselines],
                              behavior=behavior, capability=not args.no_capability, generation=generation,
-                             control_seed=args.seed, progress=not args.quiet)
+                             control_seed=args.seed, direction=direction, progress=not args.quiet)
     judged_by = f"model judge {args.judge}" if args.judge else "rule judge"
     print(f"behavior: {args.behavior} ({judged_by}); {len(prompts)} prompts; strength = multiplier for CNA and "
-          "random, alpha = strength - 1 for CAA; answer_ppl = answer perplexity under the unsteered model")
+          "random, alpha = strength - 1 for CAA, kept fraction of the direction for ablation; answer_ppl = answer "
+          "perplexity under the unsteered model")
     print(result.table())
     header = {"behavior": args.behavior, "judge": args.judge or "rule"}
+    if direction is not None:
+        header["changed_parameters"] = {"cna": circuit_changed_parameters(model, circuit),
+                                        "ablation": ablation_changed_parameters(model)}
+        print(f"weights changed by the weight-edit form: cna {header['changed_parameters']['cna']:,} (one "
+              f"down-projection column per neuron), ablation {header['changed_parameters']['ablation']:,}")
     _write_all([(args.csv, result.to_csv), (args.json, lambda path: result.to_json(path, **header)),
                 (args.plot, lambda path: plot_evaluation(result, circuit, path, behavior=args.behavior)),
                 (args.html, lambda path: write_html_report(result, circuit, path, behavior=args.behavior))])

@@ -91,7 +91,8 @@ _OUTPUTS = {"discover": ("out", "json", "csv", "save_stats"), "tune": ("out", "c
             "generate": ("out",), "inspect": ("plot",), "sweep": ("out", "plot"),
             "eval": ("csv", "json", "plot", "html"), "demo": ("out", "plot", "csv")}
 _INPUTS = {"discover": ("positive", "negative"), "inspect": ("circuit",), "generate": ("circuit", "prompts"),
-           "sweep": ("circuit", "prompts"), "export": ("circuit",), "eval": ("circuit", "prompts", "judge_labels"),
+           "sweep": ("circuit", "prompts"), "export": ("circuit",),
+           "eval": ("circuit", "prompts", "judge_labels", "positive", "negative"),
            "tune": ("positive", "negative", "stats", "eval_prompts", "neutral")}
 
 

@@ -44,6 +44,16 @@ def _finite(text: str) -> float:
     return value
 
 
+def _layer_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (the embedding output) or more, got {value}")
+    return value
+
+
 def _positive_number(text: str) -> float:
     value = _finite(text)
     if value <= 0:
@@ -219,7 +229,16 @@ def _add_export_parser(commands) -> None:
 def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="behavior, quality, KL, perplexity per strength: CNA vs baselines")
     _add_evaluation_options(evaluate, None, "strengths (default: 1 and the circuit's tuned multiplier, else 0,0.5,1,2)")
-    evaluate.add_argument("--baseline", default="caa,random", help="comma-separated: caa, random (or 'none')")
+    evaluate.add_argument("--baseline", default="caa,random",
+                          help="comma-separated: caa, random, ablation (or 'none'); ablation needs --positive and "
+                               "--negative")
+    evaluate.add_argument("--positive", help="with --baseline ablation: prompts that show the behavior (e.g. "
+                                             "harmful requests), for the residual direction it projects out")
+    evaluate.add_argument("--negative", help="with --baseline ablation: prompts that do not (e.g. harmless requests)")
+    evaluate.add_argument("--direction-layer", type=_layer_number, metavar="N",
+                          help="with --baseline ablation: the residual layer of the direction (0 = embedding output, "
+                               "i = output of decoder layer i-1; default: the middle layer, 20-80%% of the depth, "
+                               "whose direction separates the two sets best, by Cohen's d)")
     evaluate.add_argument("--no-capability", action="store_true",
                           help="skip the KL, perplexity and multiple-choice pass (one forward pass per setting)")
     evaluate.add_argument("--csv", help="metrics per method and strength as CSV")

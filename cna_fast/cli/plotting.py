@@ -63,7 +63,8 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, behavior: str = "behav
 
 
 _METHOD_STYLE = {"cna": ("o-", "#c44e52", "CNA (circuit)"), "caa": ("s--", "#4c72b0", "CAA (residual)"),
-                 "random": ("^:", "#8c8c8c", "random circuit")}
+                 "random": ("^:", "#8c8c8c", "random circuit"),
+                 "ablation": ("D-.", "#55a868", "directional ablation (residual)")}
 
 
 def _evaluation_figure(result, circuit: Circuit, behavior: str):
@@ -75,10 +76,10 @@ def _evaluation_figure(result, circuit: Circuit, behavior: str):
     for axis, key, label in panels:
         for method in dict.fromkeys(row["method"] for row in result.metrics):
             rows = [row for row in result.metrics if row["method"] == method]
-            style, colour, name = _METHOD_STYLE[method]
+            style, colour, name = _METHOD_STYLE.get(method, ("x-", None, method))  # unknown: matplotlib's colour
             values = [float("nan") if row[key] is None else row[key] for row in rows]  # None: not measured
             axis.plot([row["strength"] for row in rows], values, style, color=colour, label=name)
-        axis.set_xlabel("strength (multiplier; CAA alpha = strength - 1)")
+        axis.set_xlabel("strength (1 = unsteered; CAA alpha = strength - 1)")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
     counts = circuit.layer_counts()
@@ -128,7 +129,8 @@ def write_html_report(result, circuit: Circuit, path: str | os.PathLike, behavio
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}</style></head><body>
 <h1>{html.escape(str(circuit.meta.get('model', '')))}: {len(circuit)}-neuron circuit</h1>
 <p>Behavior: {html.escape(behavior)}. Strength is the multiplier for CNA and the random circuit; CAA adds
-(strength - 1) times the MLP-output difference, so strength 1 is the unsteered model for every method.</p>
+(strength - 1) times the MLP-output difference; directional ablation keeps strength times the residual stream's
+component along its direction (0 removes it); so strength 1 is the unsteered model for every method.</p>
 <img src="data:image/png;base64,{image}" style="max-width:100%">
 <h2>Metrics</h2><table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{table}</table>
 <h2>Sample generations</h2><table><tr><th>method</th><th>strength</th><th>prompt</th><th>output</th></tr>

@@ -6,7 +6,8 @@ architecture keeps its MLP neurons, and the hooked experts forward of mixture-of
 import torch
 from torch import nn
 
-from .adapters import ARCHITECTURES, ArchSpec, ModelAdapter, cache_keyword, find_cache
+from .adapters import (ARCHITECTURES, ArchSpec, ModelAdapter, attention_output_projection, cache_keyword, find_cache,
+                       residual_writers)
 from .gguf_files import cache_dir, gguf_source
 from .loading import DEFAULT_MODEL_NAME, default_gguf_path, default_model_dir, load_model, model_name
 from .moe import MoEAdapter, is_moe_model
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "MoEAdapter",
     "ModelAdapter",
+    "attention_output_projection",
     "cache_dir",
     "cache_keyword",
     "default_gguf_path",
@@ -28,6 +30,7 @@ __all__ = [
     "is_moe",
     "load_model",
     "model_name",
+    "residual_writers",
 ]
 
 

@@ -57,6 +57,31 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 _ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+_ATTENTION_OUTPUT_NAMES = ("o_proj", "dense", "c_proj", "out_proj")
+
+
+def _named_child(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    found = next((getattr(module, name) for name in names if isinstance(getattr(module, name, None), nn.Module)), None)
+    if found is None:
+        raise UnsupportedArchitectureError(f"cannot find the {what} of {type(module).__name__} (looked for "
+                                           f"{', '.join(names)})")
+    return found
+
+
+def residual_writers(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The two modules of a decoder block whose outputs are added to the residual stream: the attention and the MLP,
+    or the norms after them where the block normalizes each write before adding it (Gemma 2/3, OLMo 2)."""
+    if isinstance(getattr(block, "post_feedforward_layernorm", None), nn.Module):
+        return block.post_attention_layernorm, block.post_feedforward_layernorm
+    return _named_child(block, _ATTENTION_NAMES, "attention"), _named_child(block, _MLP_NAMES, "MLP")
+
+
+def attention_output_projection(block: nn.Module) -> nn.Module:
+    """The attention's output projection of a decoder block (o_proj, dense, c_proj or out_proj)."""
+    attention = _named_child(block, _ATTENTION_NAMES, "attention")
+    return _named_child(attention, _ATTENTION_OUTPUT_NAMES, "attention output projection")
 
 
 def _in_features(module: nn.Module) -> int:
@@ -129,6 +154,10 @@ class ModelAdapter:
     def layer_device(self, layer: int) -> torch.device:
         """Device that holds layer `layer`'s MLP (differs per layer under a device_map)."""
         return next(self.down_projs[layer].parameters()).device
+
+    def mlp_output_weights(self, layer: int) -> list[torch.Tensor]:
+        """The weights of layer `layer`'s MLP that write into the residual stream: its down projection's (and bias)."""
+        return list(self.down_projs[layer].parameters())
 
     def architecture(self) -> dict[str, Any]:
         """What a circuit must agree with to be applied to this model: model type, layer count, widths,

@@ -367,6 +367,17 @@ class MoEAdapter:
     def layer_device(self, layer: int) -> torch.device:
         return next(self.layers[layer].block.parameters()).device
 
+    def mlp_output_weights(self, layer: int) -> list[torch.Tensor]:
+        """The weights of layer `layer`'s MLP that write into the residual stream: the ordinary down projection's
+        (dense MLP or shared expert) and the routed experts' 3-D down projection, biases included."""
+        ordinary, experts = self.layers[layer].ordinary, self.layers[layer].experts
+        weights = list(ordinary.parameters()) if ordinary is not None else []
+        if experts is not None:
+            weights.append(experts.down_proj)
+            if experts.has_bias:
+                weights.append(experts.down_proj_bias)
+        return weights
+
     def architecture(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "num_layers": self.num_layers, "d_ff": list(self.widths),
                 "experts": {"layers": list(self.routed_layers), "num_experts": self.num_experts,

@@ -1,4 +1,5 @@
-"""Steering: apply circuits at inference (scale their neurons), the CAA baseline, and batched generation.
+"""Steering: apply circuits at inference (scale their neurons), the CAA and directional-ablation baselines, and
+batched generation.
 
 `steering_class` makes the dense / mixture-of-experts choice once: `steer` and `generate` (and
 through them every later stage) build a `Steering`, or an `MoESteering` that also scales routed
@@ -18,15 +19,17 @@ from ..circuit import Circuit, as_multiplier
 from ..errors import CNAError
 from ..models import is_moe
 from ..settings import with_options
+from .direction import AblateDirection, ablation_changed_parameters, circuit_changed_parameters, residual_width
 from .residual import AddDirections, caa
 from .generation import GenerationSettings, checked_prompts, generate_batch, multiplier_table
 from .moe import MoESteering
 from .scale import (POSITION_MODES, Steering, as_circuits, check_multiplier_fits, check_multipliers, circuit_key,
                     validate_positions)
 
-__all__ = ["POSITION_MODES", "AddDirections", "GenerationSettings", "MoESteering", "Steering", "caa",
-           "check_multiplier_fits", "check_multipliers", "circuit_key", "generate", "generate_with_baseline",
-           "steer", "steering_class", "validate_positions"]
+__all__ = ["POSITION_MODES", "AblateDirection", "AddDirections", "GenerationSettings", "MoESteering", "Steering",
+           "ablation_changed_parameters", "caa", "check_multiplier_fits", "check_multipliers",
+           "circuit_changed_parameters", "circuit_key", "generate", "generate_with_baseline", "residual_width", "steer",
+           "steering_class", "validate_positions"]
 
 
 def steering_class(model: nn.Module) -> type[Steering]:
