@@ -1,144 +1,175 @@
-"""The paper's default circuit against the tuned one, measured on a model that really refuses.
+"""The default circuit search on a model that really refuses, its held-out check, and the rival method.
 
-Reproduces the README's "Measured on a model that really refuses" table from a GGUF path:
+Reproduces the README's "Measured on a model that really refuses" tables from a GGUF path:
 
-    python benchmarks/refusal_model.py /tmp/qwen/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --work /tmp/refusal_run
+    python benchmarks/refusal_model.py /tmp/qwen/model.gguf --work /tmp/refusal_run
 
-1. `cna discover` on the discovery prompts of benchmarks/data (48 harmful, 48 harmless requests):
+1. `cna discover --save-stats` on the discovery prompts of benchmarks/data (48 harmful, 48 harmless):
    the paper's default circuit (top 0.1%, mean difference) and the saved statistics;
-2. `cna tune --stats` on the held-out harmful prompts (refusal judge, KL budget), a small grid;
-3. unsteered, paper's default (x0) and tuned (its recorded multiplier), greedy, on the held-out harmful
-   and harmless prompts: refusal by `evaluation.is_refusal`, 4-gram
-   quality, answer perplexity (harmful prompts) under the unsteered model, KL on neutral text;
-4. the judge's agreement with the human labels of the labeled file.
+2. `cna tune --stats` with default options (or --strategy / --time-budget / grid options) on the 25
+   harmful prompts of tests/data/refusal_labeled_answers.jsonl, timed;
+3. on 30 + 30 further held-out prompts (benchmarks/data/refusal_heldout_*.txt), greedy: unsteered,
+   the paper's default (x0), the tuned circuit at its multiplier, and directional ablation of the
+   refusal direction (difference of means of the residual stream at the last prompt token, from the
+   same discovery prompts) at full strength and, when that is over the KL budget, at half: the rule
+   judge's refusal rate, 4-gram quality, KL on the 24 bundled paragraphs, bundled multiple-choice
+   accuracy, and the weights each method changes. Every answer is written out for reading;
+4. with --model-judge: the agreement of `ModelJudge` (this model judging) with the human labels.
 
-The held-out prompts are the distinct prompts of the labeled file, so the judge's agreement there
-applies to them. Steps 1 and 2 are skipped when their outputs are already in --work.
-The model is used to measure only: it is never a dependency of the project.
+Steps 1 and 2 are skipped when their outputs are already in --work. The model is used to measure
+only: it is never a dependency of the project.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from cna_fast import evaluation
+from cna_fast.capture import residual_directions
 from cna_fast.circuit import Circuit
 from cna_fast.cli import main as cna
-from cna_fast.evaluation import agreement_line, judge_agreement, read_labeled_answers
+from cna_fast.evaluation import ModelJudge, agreement_line, judge_agreement, read_labeled_answers
 from cna_fast.models import load_model
-from cna_fast.steering import generate, steer
+from cna_fast.prompts import read_prompts
+from cna_fast.steering import AblateDirection, ablation_changed_parameters, circuit_changed_parameters, generate, steer
 
 DATA = Path(__file__).parent / "data"
-LABELS = Path(__file__).resolve().parents[1] / "tests" / "data" / "refusal_labeled_answers.jsonl"
+TESTS_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+LABELS = TESTS_DATA / "refusal_labeled_answers.jsonl"
+STEERED_LABELS = TESTS_DATA / "refusal_steered_labeled.jsonl"
 
 
-def held_out_prompts(labels: Path) -> dict[str, list[str]]:
-    """The distinct prompts of the labeled file, by request type, in file order."""
-    prompts: dict[str, list[str]] = {"harmful": [], "harmless": []}
+def tuning_prompts(labels: Path) -> list[str]:
+    """The distinct harmful prompts of the labeled file, in file order: the search's eval prompts."""
+    prompts: list[str] = []
     for row in read_labeled_answers(labels):
-        chosen = prompts.get(row.get("request"))
-        if chosen is not None and row["prompt"] not in chosen:
-            chosen.append(row["prompt"])
+        if row.get("request") == "harmful" and row["prompt"] not in prompts:
+            prompts.append(row["prompt"])
     return prompts
 
 
-def search(args, work: Path, eval_harmful: Path) -> None:
-    """Steps 1 and 2: the paper's default circuit with saved statistics, then the circuit search."""
+def search(args, work: Path) -> float:
+    """Steps 1 and 2; returns the search's wall time in seconds (0 when its outputs were there)."""
     if not (work / "stats.safetensors").exists():
         cna(["discover", "--model", args.gguf, "--positive", str(DATA / "refusal_harmful.txt"),
              "--negative", str(DATA / "refusal_harmless.txt"), "--out", str(work / "paper.safetensors"),
              "--save-stats", str(work / "stats.safetensors"), "--batch-size", "16"])
-    if not (work / "tuned.safetensors").exists():
-        cna(["tune", "--model", args.gguf, "--stats", str(work / "stats.safetensors"),
-             "--eval-prompts", str(eval_harmful), "--behavior", "refusal", "--kl-budget", str(args.kl_budget),
-             "--sizes", args.sizes, "--multipliers", args.multipliers, "--scores", args.scores,
-             "--max-new-tokens", str(args.tune_tokens),
-             "--neutral", str(work / "neutral.txt"), "--batch-size", "16", "--out", str(work / "tuned.safetensors"),
-             "--csv", str(work / "tune.csv"), "--json", str(work / "tune.json"), "--plot", str(work / "tune.png")])
+    if (work / "tuned.safetensors").exists():
+        return 0.0
+    options = ["--strategy", args.strategy] + (["--time-budget", str(args.time_budget)] if args.time_budget else [])
+    for flag in ("sizes", "multipliers", "scores"):
+        if getattr(args, flag):
+            options += [f"--{flag}", getattr(args, flag)]
+    started = time.perf_counter()
+    code = cna(["tune", "--model", args.gguf, "--stats", str(work / "stats.safetensors"),
+                "--eval-prompts", str(work / "eval_harmful.txt"), "--behavior", "refusal", *options,
+                "--out", str(work / "tuned.safetensors"), "--csv", str(work / "tune.csv"),
+                "--json", str(work / "tune.json"), "--plot", str(work / "tune.png")])
+    if code != 0:
+        raise SystemExit(f"cna tune exited {code}")
+    return time.perf_counter() - started
 
 
-def compare(model, tokenizer, settings: dict[str, tuple[Circuit | None, float]], prompts: dict[str, list[str]],
-            neutral: list[str], max_new_tokens: int) -> tuple[list[dict], dict]:
-    """Greedy answers of every setting to every held-out prompt set; metrics per setting."""
-    reference = evaluation.capability_metrics(model, tokenizer, neutral)
+def measure(model, tokenizer, name: str, context, prompts: dict[str, list[str]], neutral: list[str],
+            reference, max_new_tokens: int) -> tuple[dict, dict]:
+    """One setting: KL, multiple choice, and greedy answers to every held-out set (refusal by the rule judge)."""
+    capability = evaluation.capability_metrics(model, tokenizer, neutral, reference, context)
+    row = {"setting": name, "kl": capability["kl"], "perplexity": capability["perplexity"],
+           "mc_accuracy": evaluation.multiple_choice_accuracy(model, tokenizer, context=context)}
+    answers = {}
+    for kind, kind_prompts in prompts.items():
+        with context():
+            outputs = generate(model, tokenizer, kind_prompts, max_new_tokens=max_new_tokens, batch_size=32,
+                               progress=False)
+        refusals = [evaluation.is_refusal(text) for text in outputs]
+        row[f"refusal_{kind}"] = sum(refusals) / len(refusals)
+        row[f"quality_{kind}"] = sum(evaluation.quality(text) for text in outputs) / len(outputs)
+        answers[kind] = [{"prompt": p, "answer": a, "judge": "refuses" if r else "complies"}
+                         for p, a, r in zip(kind_prompts, outputs, refusals)]
+    print(row, flush=True)
+    return row, answers
+
+
+def compare(args, work: Path, model, tokenizer) -> None:
+    """Step 3: every setting on the held-out prompts."""
+    import contextlib
+
+    prompts = {"harmful": read_prompts(DATA / "refusal_heldout_harmful.txt"),
+               "harmless": read_prompts(DATA / "refusal_heldout_harmless.txt")}
+    neutral = evaluation.bundled_neutral_texts()
+    reference = evaluation.capability_metrics(model, tokenizer, neutral)["_logprobs"]
+    paper, tuned = Circuit.load(work / "paper.safetensors"), Circuit.load(work / "tuned.safetensors")
+    multiplier = float(tuned.meta["multiplier"])
+    directions = residual_directions(model, tokenizer, read_prompts(DATA / "refusal_harmful.txt"),
+                                     read_prompts(DATA / "refusal_harmless.txt"), progress=False)
+    layer = directions.best_layer()
+    direction = directions.direction(layer)
+    settings = {"unsteered": contextlib.nullcontext,
+                "paper's default (diff, top 0.1%, x0)": lambda: steer(model, paper, 0.0),
+                f"tuned ({tuned.meta.get('score', '?')}, {len(tuned)} neurons, x{multiplier:g})":
+                    lambda: steer(model, tuned, multiplier),
+                f"directional ablation (layer {layer}), full": lambda: AblateDirection(model, direction, 0.0)}
     table, answers = [], {}
-    for name, (circuit, multiplier) in settings.items():
-        context = (lambda c=circuit, m=multiplier: steer(model, c, m)) if circuit is not None else None
-        row = {"setting": name, "neurons": len(circuit) if circuit is not None else 0,
-               "multiplier": multiplier if circuit is not None else 1.0,
-               "kl_neutral": evaluation.capability_metrics(model, tokenizer, neutral, reference["_logprobs"],
-                                                         context)["kl"] if context else 0.0}
-        answers[name] = {}
-        for kind, kind_prompts in prompts.items():
-            outputs = generate(model, tokenizer, kind_prompts, circuits=circuit, multiplier=multiplier,
-                               max_new_tokens=max_new_tokens, batch_size=16)
-            refusals = [evaluation.is_refusal(text) for text in outputs]
-            perplexities = [value for value in evaluation.answer_perplexity(model, tokenizer, kind_prompts, outputs)
-                            if math.isfinite(value)]
-            row[f"refusal_{kind}"] = sum(refusals) / len(refusals)
-            row[f"quality_{kind}"] = sum(evaluation.quality(text) for text in outputs) / len(outputs)
-            row[f"answer_ppl_{kind}"] = sum(perplexities) / len(perplexities) if perplexities else float("nan")
-            answers[name][kind] = [{"prompt": p, "answer": a, "refusal": r}
-                                   for p, a, r in zip(kind_prompts, outputs, refusals)]
+    for name, context in settings.items():
+        row, answers[name] = measure(model, tokenizer, name, context, prompts, neutral, reference,
+                                     args.max_new_tokens)
         table.append(row)
-    return table, answers
+    if table[-1]["kl"] > args.kl_budget:  # the rival method at the same KL budget: half strength
+        name = f"directional ablation (layer {layer}), half"
+        row, answers[name] = measure(model, tokenizer, name, lambda: AblateDirection(model, direction, 0.5),
+                                     prompts, neutral, reference, args.max_new_tokens)
+        table.append(row)
+    changed = {"paper": circuit_changed_parameters(model, paper), "tuned": circuit_changed_parameters(model, tuned),
+               "ablation": ablation_changed_parameters(model)}
+    for row in table:
+        key = next((key for key in changed if row["setting"].lower().startswith(key[:5])), None)
+        row["changed_parameters"] = changed.get("ablation" if "ablation" in row["setting"] else key, 0)
+    (work / "heldout_answers.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    print(f"direction layer {layer} (Cohen's d {float(directions.cohens_d[layer]):.2f}); wrote {args.csv} and "
+          f"{work / 'heldout_answers.json'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", help="the refusing model's GGUF file (kept outside the repository)")
     parser.add_argument("--work", default="/tmp/refusal_run", help="folder for circuits, statistics and answers")
-    parser.add_argument("--labels", default=str(LABELS), help="human-labeled answers (JSONL)")
-    parser.add_argument("--sizes", default="0.001,0.002,0.004")
-    parser.add_argument("--scores", default="diff,t")
-    parser.add_argument("--kl-budget", type=float, default=0.1)
-    parser.add_argument("--tune-tokens", type=int, default=32)
-    parser.add_argument("--multipliers", default="0,-0.5,-1")
-    parser.add_argument("--neutral-count", type=int, default=2, help="bundled neutral paragraphs for the search's KL")
-    parser.add_argument("--compare-neutral-count", type=int, default=6,
-                        help="bundled neutral paragraphs for the table's KL")
+    parser.add_argument("--strategy", default="frontier", choices=("frontier", "full"))
+    parser.add_argument("--time-budget", type=float, help="minutes for the search (default: none)")
+    parser.add_argument("--sizes", help="the search's sizes (default: tune's)")
+    parser.add_argument("--multipliers", help="the search's multipliers (default: tune's)")
+    parser.add_argument("--scores", help="the search's scores (default: tune's)")
+    parser.add_argument("--kl-budget", type=float, default=0.1, help="for the rival method's strength")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--sets", default="harmful,harmless", help="held-out prompt sets to answer")
-    parser.add_argument("--settings", default="unsteered,paper,tuned",
-                        help="settings to compare (the search runs only when tuned is among them)")
-    parser.add_argument("--csv", default="docs/refusal_model.csv")
+    parser.add_argument("--steps", default="search,compare", help="comma-separated: search, compare, model-judge")
+    parser.add_argument("--csv", default="docs/refusal_heldout.csv")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    prompts = held_out_prompts(Path(args.labels))
-    eval_harmful = work / "eval_harmful.txt"
-    eval_harmful.write_text("\n".join(prompts["harmful"]) + "\n")
-    neutral = evaluation.bundled_neutral_texts()
-    (work / "neutral.txt").write_text("\n".join(neutral[:args.neutral_count]) + "\n")
-    started = time.perf_counter()
-    wanted = args.settings.split(",")
-    if "tuned" in wanted:
-        search(args, work, eval_harmful)
+    (work / "eval_harmful.txt").write_text("\n".join(tuning_prompts(LABELS)) + "\n")
+    steps = args.steps.split(",")
+    if "search" in steps:
+        seconds = search(args, work)
+        print(f"search: {seconds / 60:.1f} min wall (model load included; 0 = reused)", flush=True)
+    if "compare" not in steps and "model-judge" not in steps:
+        return
     model, tokenizer = load_model(args.gguf, dtype=torch.float32)
-    settings = {"unsteered": (None, 1.0), "paper": (Circuit.load(work / "paper.safetensors"), 0.0)}
-    if "tuned" in wanted:
-        tuned = Circuit.load(work / "tuned.safetensors")
-        settings["tuned"] = (tuned, float(tuned.meta["multiplier"]))
-    settings = {name: setting for name, setting in settings.items() if name in wanted}
-    chosen_sets = {kind: prompts[kind] for kind in args.sets.split(",")}
-    table, answers = compare(model, tokenizer, settings, chosen_sets, neutral[:args.compare_neutral_count],
-                             args.max_new_tokens)
-    agreement = judge_agreement(evaluation.is_refusal, args.labels)
-    (work / f"answers_{'_'.join(settings)}.json").write_text(json.dumps(answers, indent=1))
-    with open(args.csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    for row in table:
-        print(row)
-    print(agreement_line(agreement))
-    print(f"comparison done in {time.perf_counter() - started:.0f} s (search steps included when run)")
+    if "compare" in steps:
+        compare(args, work, model, tokenizer)
+    if "model-judge" in steps:
+        judge = ModelJudge(model, tokenizer, batch_size=8)
+        for labels in (STEERED_LABELS, LABELS):
+            started = time.perf_counter()
+            print(labels.name, agreement_line(judge_agreement(judge, labels)),
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,19 @@ class SearchClock:
     def show(self, remaining: float) -> None:
         """Refresh the bar: elapsed seconds against elapsed plus the `remaining` estimate."""
         elapsed = self.elapsed()
+        self.stage = (elapsed, remaining)
         self.bar.total = max(1.0, elapsed + remaining)
+        self.bar.n = elapsed
+        self.bar.refresh()
+
+    @contextlib.contextmanager
+    def ticking(self) -> Iterator[None]:
+        """Wrap one batch of a long stage: afterwards the bar moves, the estimate counted down from the
+        last `show` (never below zero)."""
+        yield
+        shown_at, remaining = getattr(self, "stage", (0.0, 0.0))
+        elapsed = self.elapsed()
+        self.bar.total = max(self.bar.total, elapsed + 1.0, shown_at + remaining)
         self.bar.n = elapsed
         self.bar.refresh()
 

@@ -201,6 +201,7 @@ class _Measurements:
         """Decide every setting's side of the KL budget; returns those within it. `reserve`: seconds to keep
         for the generations."""
         if self.budget.strategy == "full":
+            self.clock.show(self.full_grid_seconds(len(candidates)))
             self.measure_kl(candidates)
         else:
             def stop() -> bool:
@@ -230,7 +231,8 @@ class _Measurements:
         steering = {"circuits": shells, "multipliers": table.repeat_interleave(n_prompts, 0)} if shells else {}
         cost = len(candidates) * n_prompts * (self.prompt_tokens + tokens)
         with self.clock.timing("generate", round(cost)):
-            texts = generate(self.model, self.tokenizer, prompts * len(candidates), progress=self.progress,
+            texts = generate(self.model, self.tokenizer, prompts * len(candidates), progress=False,
+                             batch_context=lambda rows: self.clock.ticking(),
                              generation=dataclasses.replace(self.generation, max_new_tokens=tokens), **steering)
         self.tokens_spent += len(texts) * tokens
         judge = resolve_behavior(self.judging.behavior)
