@@ -3,8 +3,8 @@
 Each size runs in its own process (peak RSS is per process): a tiny random Llama from tests/tiny.py,
 4 new tokens per prompt, batch 16, prompts from a generated .txt file.
 
-    PYTHONPATH=. python benchmarks/batch_job_memory.py            # both sizes, prints a table
-    PYTHONPATH=. python benchmarks/batch_job_memory.py --one 1000 # one size (what the table runs)
+    python -m benchmarks.batch_job_memory            # both sizes, prints a table
+    python -m benchmarks.batch_job_memory --one 1000 # one size (what the table runs)
 """
 from __future__ import annotations
 
@@ -58,8 +58,10 @@ def main() -> None:
         return
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     for count in SIZES:
-        result = subprocess.run([sys.executable, __file__, "--one", str(count)], env=env, check=True,
-                                capture_output=True, text=True)
+        # -m, not the file's path: a script's folder goes first on sys.path, and benchmarks/kernels.py would
+        # then hide the `kernels` package that transformers imports
+        result = subprocess.run([sys.executable, "-m", "benchmarks.batch_job_memory", "--one", str(count)], env=env,
+                                check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         print(result.stdout.strip().splitlines()[-1])
 
 

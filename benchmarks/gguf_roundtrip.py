@@ -3,7 +3,7 @@
 Discovers the French circuit (the demo's), ablates it (multiplier 0), exports a GGUF, reads the file
 back through transformers' GGUF loader, and compares with the steered source model: logits, greedy
 answers to held-out French questions, their language, file sizes and timings.
-Run: python benchmarks/gguf_roundtrip.py OUT_FOLDER
+Run: python -m benchmarks.gguf_roundtrip OUT_FOLDER
 """
 from __future__ import annotations
 

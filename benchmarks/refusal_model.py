@@ -2,7 +2,7 @@
 
 Reproduces the README's "Measured on a model that really refuses" tables from a GGUF path:
 
-    python benchmarks/refusal_model.py /tmp/qwen/model.gguf --work /tmp/refusal_run
+    python -m benchmarks.refusal_model /tmp/qwen/model.gguf --work /tmp/refusal_run
 
 1. `cna discover --save-stats` on the discovery prompts of benchmarks/data (48 harmful, 48 harmless):
    the paper's default circuit (top 0.1%, mean difference) and the saved statistics;
