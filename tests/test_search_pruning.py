@@ -193,3 +193,31 @@ def test_a_time_budget_cuts_the_search_and_says_what_it_skipped(planted, plain_t
         SearchBudget(minutes=0)
     with pytest.raises(CNAError, match="strategy"):
         SearchBudget(strategy="exhaustive")
+
+
+def test_cli_strategy_and_time_budget(model_dir, prompt_files, tmp_path, capsys):
+    from cna_fast.cli import main
+
+    positive, negative = prompt_files
+    eval_prompts = tmp_path / "eval.txt"
+    eval_prompts.write_text("the zebra runs\nzebra stripes\n")
+    common = ["tune", "--model", model_dir, "--positive", positive, "--negative", negative, "--eval-prompts",
+              eval_prompts, "--behavior", "english", "--sizes", "2,8", "--scores", "diff", "--max-new-tokens", "4",
+              "--kl-budget", "5", "--quiet"]
+    table = tmp_path / "full.csv"
+    assert main([str(arg) for arg in common + ["--strategy", "full", "--out", tmp_path / "a.safetensors",
+                                                "--csv", table]]) == 0
+    from cna_fast.evaluation import bundled_neutral_texts
+
+    rows = table.read_text().splitlines()[1:]
+    texts = str(len(bundled_neutral_texts()))
+    assert len(rows) == 1 + 2 * 4 and all(row.split(",")[7] == texts for row in rows[1:])  # KL on every text
+    capsys.readouterr()
+    assert main([str(arg) for arg in common + ["--time-budget", "0.0001", "--out", tmp_path / "b.safetensors"]]) == 2
+    printed = capsys.readouterr()
+    assert "left unmeasured" in printed.out and "raise the time budget" in printed.err
+    assert not (tmp_path / "b.safetensors").exists()
+    for bad in (["--time-budget", "0"], ["--strategy", "exhaustive"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(arg) for arg in common + bad + ["--out", tmp_path / "c.safetensors"]])
+        assert exit_.value.code == 2

@@ -242,6 +242,10 @@ class TuneResult:
 
     def require_circuit(self) -> Circuit:
         """The chosen circuit, or a CNAError saying how to loosen the search."""
+        if self.circuit is None and self.skipped and not any(c.final for c in self.candidates):
+            raise CNAError(f"the time budget of {self.time_budget:g} min ran out before any setting was generated "
+                           f"in full ({len(self.skipped)} left unmeasured): raise the time budget (the summary "
+                           "estimates the search's time), or search a smaller grid")
         if self.circuit is None:
             smallest = min((c.kl for c in self.candidates if c.kl is not None), default=float("nan"))
             raise CNAError(f"no setting fits the KL budget of {self.kl_budget:g} nats and the quality floor of "
