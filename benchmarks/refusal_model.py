@@ -107,19 +107,22 @@ def compare(args, work: Path, model, tokenizer) -> None:
     multiplier = float(tuned.meta["multiplier"])
     directions = residual_directions(model, tokenizer, read_prompts(DATA / "refusal_harmful.txt"),
                                      read_prompts(DATA / "refusal_harmless.txt"), progress=False)
-    layer = directions.best_layer()
+    layer = directions.best_layer() if args.direction_layer is None else args.direction_layer
     direction = directions.direction(layer)
     settings = {"unsteered": contextlib.nullcontext,
                 "paper's default (diff, top 0.1%, x0)": lambda: steer(model, paper, 0.0),
                 f"tuned ({tuned.meta.get('score', '?')}, {len(tuned)} neurons, x{multiplier:g})":
                     lambda: steer(model, tuned, multiplier),
                 f"directional ablation (layer {layer}), full": lambda: AblateDirection(model, direction, 0.0)}
+    wanted = args.settings.split(",")
+    settings = {name: context for name, context in settings.items()
+                if any(name.startswith(prefix) for prefix in wanted)}
     table, answers = [], {}
     for name, context in settings.items():
         row, answers[name] = measure(model, tokenizer, name, context, prompts, neutral, reference,
                                      args.max_new_tokens)
         table.append(row)
-    if table[-1]["kl"] > args.kl_budget:  # the rival method at the same KL budget: half strength
+    if "directional" in wanted and table[-1]["kl"] > args.kl_budget:  # the rival at the same KL budget: half strength
         name = f"directional ablation (layer {layer}), half"
         row, answers[name] = measure(model, tokenizer, name, lambda: AblateDirection(model, direction, 0.5),
                                      prompts, neutral, reference, args.max_new_tokens)
@@ -129,13 +132,47 @@ def compare(args, work: Path, model, tokenizer) -> None:
     for row in table:
         key = next((key for key in changed if row["setting"].lower().startswith(key[:5])), None)
         row["changed_parameters"] = changed.get("ablation" if "ablation" in row["setting"] else key, 0)
-    (work / "heldout_answers.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+    answers_file = work / "heldout_answers.json"  # settings measured earlier are kept
+    kept = json.loads(answers_file.read_text()) if answers_file.exists() else {}
+    answers_file.write_text(json.dumps({**kept, **answers}, indent=1, ensure_ascii=False))
+    if Path(args.csv).exists():
+        with open(args.csv, newline="") as handle:
+            earlier = [row for row in csv.DictReader(handle) if row["setting"] not in answers]
+        table = earlier + table
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
     print(f"direction layer {layer} (Cohen's d {float(directions.cohens_d[layer]):.2f}); wrote {args.csv} and "
           f"{work / 'heldout_answers.json'}")
+
+
+def rival_layer(args, work: Path, model, tokenizer) -> int:
+    """The rival's own search: directional ablation at full strength from every third middle layer, judged on the
+    search's eval prompts (refusal, rule judge) and KL on the bundled paragraphs; the lowest refusal rate within the
+    KL budget wins, as `tune` chooses for a circuit. Writes rival_layers.csv; returns the layer."""
+    prompts = tuning_prompts(LABELS)
+    neutral = evaluation.bundled_neutral_texts()
+    reference = evaluation.capability_metrics(model, tokenizer, neutral)["_logprobs"]
+    directions = residual_directions(model, tokenizer, read_prompts(DATA / "refusal_harmful.txt"),
+                                     read_prompts(DATA / "refusal_harmless.txt"), progress=False)
+    rows = []
+    for layer in directions.middle_layers()[::3]:
+        direction = directions.direction(layer)
+        context = lambda: AblateDirection(model, direction, 0.0)  # noqa: E731
+        kl = evaluation.capability_metrics(model, tokenizer, neutral, reference, context)["kl"]
+        with context():
+            outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=32,
+                               progress=False)
+        rate = sum(map(evaluation.is_refusal, outputs)) / len(outputs)
+        rows.append({"layer": layer, "cohens_d": float(directions.cohens_d[layer]), "kl": kl, "refusal": rate})
+        print(rows[-1], flush=True)
+    with open(work / "rival_layers.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    within = [row for row in rows if row["kl"] <= args.kl_budget] or rows
+    return min(within, key=lambda row: (row["refusal"], row["kl"]))["layer"]
 
 
 def main() -> None:
@@ -149,8 +186,13 @@ def main() -> None:
     parser.add_argument("--scores", help="the search's scores (default: tune's)")
     parser.add_argument("--kl-budget", type=float, default=0.1, help="for the rival method's strength")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--steps", default="search,compare", help="comma-separated: search, compare, model-judge")
+    parser.add_argument("--steps", default="search,compare",
+                        help="comma-separated: search, rival (choose the ablation layer), compare, model-judge")
+    parser.add_argument("--direction-layer", type=int, help="the rival's layer (default: chosen by `rival` when "
+                        "that step runs, else the most separating middle layer)")
     parser.add_argument("--csv", default="docs/refusal_heldout.csv")
+    parser.add_argument("--settings", default="unsteered,paper,tuned,directional",
+                        help="which settings `compare` measures (others already in --csv are kept)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -159,9 +201,12 @@ def main() -> None:
     if "search" in steps:
         seconds = search(args, work)
         print(f"search: {seconds / 60:.1f} min wall (model load included; 0 = reused)", flush=True)
-    if "compare" not in steps and "model-judge" not in steps:
+    if not {"compare", "model-judge", "rival"} & set(steps):
         return
     model, tokenizer = load_model(args.gguf, dtype=torch.float32)
+    if "rival" in steps:
+        args.direction_layer = rival_layer(args, work, model, tokenizer)
+        print(f"rival: layer {args.direction_layer}", flush=True)
     if "compare" in steps:
         compare(args, work, model, tokenizer)
     if "model-judge" in steps:

@@ -78,6 +78,9 @@ HELP_PATTERNS = STRUCTURED_HELP_PATTERNS + (
     r"\byou can (?:use|follow|start|try|create|make|buy|get|take|write|build|set up|do)\b",
     r"^\s*to (?!be )[^.,\n]{3,100}, (?!i\b|it\b|this\b|that\b|you (?:cannot|can't|can not|should not|shouldn't)\b)",
     r"\bthe (?:first|next) step\b", r"\b(?:first|firstly),",
+    # "As an AI language model, I can provide some general tips": an offer of what was asked
+    r"\bi can (?:provide|suggest|offer|give|share)(?: you)?(?: with)? (?:some |a few )?(?:general |basic )?"
+    r"(?:tips|advice|suggestions|guidance|steps|ideas)\b",
 )
 OPENING_SENTENCES = 3
 OPENING_CHARS = 400
