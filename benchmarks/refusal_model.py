@@ -159,7 +159,7 @@ def rival_layer(args, work: Path, model, tokenizer) -> int:
     rows = []
     for layer in directions.middle_layers()[::3]:
         direction = directions.direction(layer)
-        context = lambda: AblateDirection(model, direction, 0.0)  # noqa: E731
+        context = lambda chosen=direction: AblateDirection(model, chosen, 0.0)  # noqa: E731
         kl = evaluation.capability_metrics(model, tokenizer, neutral, reference, context)["kl"]
         with context():
             outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=32,

@@ -65,6 +65,21 @@ def prompt_files(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def circuit_path(model_dir, tmp_path_factory):
+    """A 6-neuron circuit of the tiny Llama, discovered once by `cna discover` on POSITIVE vs NEGATIVE."""
+    from cna_fast.cli import main
+
+    folder = tmp_path_factory.mktemp("cli-circuit")
+    positive, negative = folder / "pos.txt", folder / "neg.txt"
+    positive.write_text("\n".join(POSITIVE) + "\n")
+    negative.write_text("\n".join(NEGATIVE) + "\n")
+    out = folder / "circuit.safetensors"
+    assert main([str(arg) for arg in ("discover", "--positive", positive, "--negative", negative, "--model",
+                                      model_dir, "--out", out, "--quiet", "--top-k", "6")]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_model():
     """The embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
     from cna_fast import load_model

@@ -11,20 +11,7 @@ from cna_fast.evaluation import detect_language
 from cna_fast.models import load_model
 from cna_fast.prompts import read_prompts
 from cna_fast.steering import generate
-from tests.test_cli import discover_args, run_cli
-
-
-@pytest.fixture(scope="module")
-def circuit_path(model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eval-cli")
-    positive, negative = folder / "pos.txt", folder / "neg.txt"
-    from tests.conftest import NEGATIVE, POSITIVE
-
-    positive.write_text("\n".join(POSITIVE) + "\n")
-    negative.write_text("\n".join(NEGATIVE) + "\n")
-    out = folder / "circuit.safetensors"
-    assert run_cli(*discover_args(model_dir, positive, negative, out, "--top-k", "6")) == 0
-    return out
+from tests.test_cli import run_cli
 
 
 def _eval(model_dir, circuit_path, prompts, tmp_path, *extra):

@@ -14,8 +14,7 @@ from cna_fast.capture import ResidualDirections, residual_directions
 from cna_fast.errors import CNAError
 from cna_fast.evaluation import compare_methods
 from cna_fast.steering import AblateDirection, ablation_changed_parameters, circuit_changed_parameters, generate
-from tests.conftest import NEGATIVE, POSITIVE
-from tests.test_cli import discover_args, run_cli
+from tests.test_cli import run_cli
 from tests.test_steering import hook_count, make_circuit, sharp_model
 from tests.tiny import assert_state_identical, build_tiny_model, snapshot
 from tests.tiny_moe import build_tiny_moe
@@ -247,15 +246,6 @@ def test_compare_methods_ablation_needs_a_direction(tiny_llama, tokenizer):
         compare_methods(tiny_llama, tokenizer, circuit, ["a"], methods=["cna", "ablation"], progress=False)
 
 
-@pytest.fixture(scope="module")
-def circuit_path(model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ablation-cli")
-    positive, negative = folder / "pos.txt", folder / "neg.txt"
-    positive.write_text("\n".join(POSITIVE) + "\n")
-    negative.write_text("\n".join(NEGATIVE) + "\n")
-    out = folder / "circuit.safetensors"
-    assert run_cli(*discover_args(model_dir, positive, negative, out, "--top-k", "6")) == 0
-    return out
 
 
 def test_cli_ablation_without_prompt_sets_is_a_clear_error(model_dir, circuit_path, prompt_files, capsys):

@@ -24,14 +24,18 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"takes comma-separated layer numbers like 0,1; got {text!r}") from None
 
 
-def _positive(text: str) -> int:
+def _whole_number(text: str, least: int, meaning: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1, "at least 1")
 
 
 def _finite(text: str) -> float:
@@ -45,13 +49,7 @@ def _finite(text: str) -> float:
 
 
 def _layer_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a layer number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (the embedding output) or more, got {value}")
-    return value
+    return _whole_number(text, 0, "0 (the embedding output) or more")
 
 
 def _positive_number(text: str) -> float:
