@@ -165,7 +165,7 @@ class _Measurements:
         first = self.neutral.tokens(self.budget.first_texts)
         kl = self.clock.cost("forward", probes * (first + 0.3 * self.neutral.tokens()) + finalists
                              * self.neutral.tokens() * 0.5)
-        screen = self.generation_cost(screened, *self.screen) if screened > self.budget.finalists else 0.0
+        screen = self.generation_cost(screened, *self.screen)
         final = self.generation_cost(finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
         return kl + screen + final
 
