@@ -269,7 +269,13 @@ class _Search(_Measurements):
                 candidate.stage = "dominated"
         if len(chosen) == len(within) <= finalists and self.budget.strategy != "full":
             return chosen
-        chosen = self.fit_screen(chosen)
+        fitting = self.fit_screen(chosen)
+        if not fitting:  # no time for a screen: the strongest undominated settings go straight to the final run
+            ordered = sorted(chosen, key=lambda c: -(c.kl or 0.0))
+            for candidate in ordered[finalists:]:
+                candidate.stage = "skipped (time budget)"
+            return ordered[:finalists]
+        chosen = fitting
         screened, tried = [], set()
         while chosen:
             self.judge_rows(chosen, *self.screen, f"{label}screen")
@@ -304,8 +310,9 @@ class _Search(_Measurements):
         per_setting = self.generation_cost(1, *self.screen)
         fits = max(0, int((self.clock.left() - final) // per_setting)) if per_setting > 0 else len(chosen)
         ordered = sorted(chosen, key=lambda c: -(c.kl or 0.0))  # closest to the budget: the strongest
-        for candidate in ordered[fits:]:
-            candidate.stage = "skipped (time budget)"
+        if fits:  # with no room at all the caller sends them to the final run instead
+            for candidate in ordered[fits:]:
+                candidate.stage = "skipped (time budget)"
         return ordered[:fits]
 
     def run_final(self, finalists: list[Candidate], label: str, with_baseline: bool) -> None:
@@ -329,7 +336,8 @@ class _Search(_Measurements):
 
     def search(self, candidates: list[Candidate], label: str = "", forced: Sequence[Candidate] = ()) -> None:
         """Place the settings on the KL budget, screen the undominated ones, generate the best in full."""
-        reserve = self.generation_cost(2, len(self.eval_prompts), self.generation.max_new_tokens)
+        # KL placement stops while the baseline and two settings can still be generated in full
+        reserve = self.generation_cost(3, len(self.eval_prompts), self.generation.max_new_tokens)
         within = self.place(candidates, reserve)
         self.clock.show(self.remaining(0, len(frontier(within)), self.budget.finalists))
         finalists = self.run_screen(within, label)
