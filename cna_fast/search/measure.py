@@ -160,6 +160,8 @@ class SearchClock:
     def show(self, remaining: float) -> None:
         """Refresh the bar: elapsed seconds against elapsed plus the `remaining` estimate."""
         elapsed = self.elapsed()
+        if self.limit is not None:  # the stages are cut to fit the budget, so the search ends by then
+            remaining = min(remaining, max(0.0, self.limit - elapsed))
         self.stage = (elapsed, remaining)
         self.bar.total = max(1.0, elapsed + remaining)
         self.bar.n = elapsed
