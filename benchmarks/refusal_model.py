@@ -109,29 +109,27 @@ def compare(args, work: Path, model, tokenizer) -> None:
                                      read_prompts(DATA / "refusal_harmless.txt"), progress=False)
     layer = directions.best_layer() if args.direction_layer is None else args.direction_layer
     direction = directions.direction(layer)
-    settings = {"unsteered": contextlib.nullcontext,
-                "paper's default (diff, top 0.1%, x0)": lambda: steer(model, paper, 0.0),
-                f"tuned ({tuned.meta.get('score', '?')}, {len(tuned)} neurons, x{multiplier:g})":
-                    lambda: steer(model, tuned, multiplier),
-                f"directional ablation (layer {layer}), full": lambda: AblateDirection(model, direction, 0.0)}
+    ablated = ablation_changed_parameters(model)
+    settings = {  # name: (steering, weights its weight-edit form changes)
+        "unsteered": (contextlib.nullcontext, 0),
+        "paper's default (diff, top 0.1%, x0)": (lambda: steer(model, paper, 0.0),
+                                                 circuit_changed_parameters(model, paper)),
+        f"tuned ({tuned.meta.get('score', '?')}, {len(tuned)} neurons, x{multiplier:g})":
+            (lambda: steer(model, tuned, multiplier), circuit_changed_parameters(model, tuned)),
+        f"directional ablation (layer {layer}), full": (lambda: AblateDirection(model, direction, 0.0), ablated)}
     wanted = args.settings.split(",")
-    settings = {name: context for name, context in settings.items()
+    settings = {name: setting for name, setting in settings.items()
                 if any(name.startswith(prefix) for prefix in wanted)}
+    if "directional" in wanted:  # the rival at the same KL budget: half strength when full is over it
+        settings[f"directional ablation (layer {layer}), half"] = (lambda: AblateDirection(model, direction, 0.5),
+                                                                   ablated)
     table, answers = [], {}
-    for name, context in settings.items():
+    for name, (context, changed) in settings.items():
+        if name.endswith("half") and table[-1]["kl"] <= args.kl_budget:
+            continue
         row, answers[name] = measure(model, tokenizer, name, context, prompts, neutral, reference,
                                      args.max_new_tokens)
-        table.append(row)
-    if "directional" in wanted and table[-1]["kl"] > args.kl_budget:  # the rival at the same KL budget: half strength
-        name = f"directional ablation (layer {layer}), half"
-        row, answers[name] = measure(model, tokenizer, name, lambda: AblateDirection(model, direction, 0.5),
-                                     prompts, neutral, reference, args.max_new_tokens)
-        table.append(row)
-    changed = {"paper": circuit_changed_parameters(model, paper), "tuned": circuit_changed_parameters(model, tuned),
-               "ablation": ablation_changed_parameters(model)}
-    for row in table:
-        key = next((key for key in changed if row["setting"].lower().startswith(key[:5])), None)
-        row["changed_parameters"] = changed.get("ablation" if "ablation" in row["setting"] else key, 0)
+        table.append({**row, "changed_parameters": changed})
     answers_file = work / "heldout_answers.json"  # settings measured earlier are kept
     kept = json.loads(answers_file.read_text()) if answers_file.exists() else {}
     answers_file.write_text(json.dumps({**kept, **answers}, indent=1, ensure_ascii=False))

@@ -71,3 +71,20 @@ class HookSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class HookedSteering:
+    """A steering method whose hooks live in one HookSet (`self._hooks`): `remove()` restores the model
+    exactly; usable as a context manager (the CAA baseline, directional ablation)."""
+
+    _hooks: HookSet
+
+    def remove(self) -> None:
+        """Remove the hooks; the model is exactly as before."""
+        self._hooks.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -127,6 +127,7 @@ class SearchClock:
         self.started = time.perf_counter()
         self.limit = None if minutes is None else 60.0 * minutes
         self.spent = {"forward": [0.0, 0], "generate": [0.0, 0]}  # seconds, tokens
+        self.stage = (0.0, 0.0)  # when the estimate was last shown, and the seconds it then left
         self.bar = tqdm(total=1, desc="search (elapsed / estimated s)", unit="s", disable=not progress,
                         bar_format="{desc}: {n:.0f}/{total:.0f} s |{bar}| {percentage:3.0f}%")
 
@@ -172,7 +173,7 @@ class SearchClock:
         """Wrap one batch of a long stage: afterwards the bar moves, the estimate counted down from the
         last `show` (never below zero)."""
         yield
-        shown_at, remaining = getattr(self, "stage", (0.0, 0.0))
+        shown_at, remaining = self.stage
         elapsed = self.elapsed()
         self.bar.total = max(self.bar.total, elapsed + 1.0, shown_at + remaining)
         self.bar.n = elapsed

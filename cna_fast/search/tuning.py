@@ -53,6 +53,7 @@ DEFAULT_QUALITY_FLOOR = 0.9
 STRATEGIES = ("frontier", "full")
 # A first KL estimate decides a setting's side of the budget when it is at least this factor away from it.
 CLEAR_FACTOR = 2.0
+SKIPPED = "skipped (time budget)"
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,10 @@ class _Measurements:
     def generation_cost(self, settings: int, prompts: int, tokens: int) -> float:
         return self.clock.cost("generate", settings * prompts * (self.prompt_tokens + tokens))
 
+    def full_run_cost(self, settings: int) -> float:
+        """Seconds to generate `settings` settings on every eval prompt with every new token."""
+        return self.generation_cost(settings, len(self.eval_prompts), self.generation.max_new_tokens)
+
     def remaining(self, pending: int, screened: int, finalists: int) -> float:
         """Seconds the rest of the search should take: `pending` settings still to place on either side of
         the KL budget (about 2 bisection probes per multiplier and score), `screened` to screen, `finalists`
@@ -166,13 +171,12 @@ class _Measurements:
         kl = self.clock.cost("forward", probes * (first + 0.3 * self.neutral.tokens()) + finalists
                              * self.neutral.tokens() * 0.5)
         screen = self.generation_cost(screened, *self.screen)
-        final = self.generation_cost(finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
-        return kl + screen + final
+        return kl + screen + self.full_run_cost(finalists + 1)
 
     def full_grid_seconds(self, settings: int) -> float:
         """Every setting's KL on every text and every setting generated in full, at the rates measured."""
         return (self.clock.cost("forward", settings * self.neutral.tokens())
-                + self.generation_cost(settings + 1, len(self.eval_prompts), self.generation.max_new_tokens))
+                + self.full_run_cost(settings + 1))
 
     # ------------------------------------------------------------------------------------- KL
     def measure_kl(self, candidates: list[Candidate], texts: int | None = None) -> None:
@@ -214,7 +218,7 @@ class _Measurements:
             for candidate in candidates:
                 verdict = verdicts.get(id(candidate))
                 if verdict is None:
-                    candidate.stage = "skipped (time budget)"
+                    candidate.stage = SKIPPED
                 elif candidate.kl is None:  # decided by the order, from a setting that was measured
                     candidate.over_budget = verdict == OVER
                     candidate.stage = "pruned by KL (implied)" if verdict == OVER else "within budget (implied)"
@@ -271,10 +275,7 @@ class _Search(_Measurements):
             return chosen
         fitting = self.fit_screen(chosen)
         if not fitting:  # no time for a screen: the strongest undominated settings go straight to the final run
-            ordered = sorted(chosen, key=lambda c: -(c.kl or 0.0))
-            for candidate in ordered[finalists:]:
-                candidate.stage = "skipped (time budget)"
-            return ordered[:finalists]
+            return keep_strongest(chosen, finalists)
         chosen = fitting
         screened, tried = [], set()
         while chosen:
@@ -297,33 +298,27 @@ class _Search(_Measurements):
             return (candidate.screen_quality >= self.judging.quality_floor
                     and sign * candidate.screen_rate <= sign * best.screen_rate)
 
-        per_setting = self.generation_cost(1, *self.screen)
-        final = self.generation_cost(finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
-        shrink(best, within, as_good, stop=lambda: self.clock.left() < final + per_setting)
+        needed = self.full_run_cost(finalists + 1) + self.generation_cost(1, *self.screen)
+        shrink(best, within, as_good, stop=lambda: self.clock.left() < needed)
         return self.screen_rank(screened)[:finalists]
 
     def fit_screen(self, chosen: list[Candidate]) -> list[Candidate]:
         """As many of `chosen` as the time budget allows before the final run (the strongest first)."""
         if math.isinf(self.clock.left()):
             return chosen
-        final = self.generation_cost(self.budget.finalists + 1, len(self.eval_prompts), self.generation.max_new_tokens)
         per_setting = self.generation_cost(1, *self.screen)
-        fits = max(0, int((self.clock.left() - final) // per_setting)) if per_setting > 0 else len(chosen)
-        ordered = sorted(chosen, key=lambda c: -(c.kl or 0.0))  # closest to the budget: the strongest
-        if fits:  # with no room at all the caller sends them to the final run instead
-            for candidate in ordered[fits:]:
-                candidate.stage = "skipped (time budget)"
-        return ordered[:fits]
+        fits = (max(0, int((self.clock.left() - self.full_run_cost(self.budget.finalists + 1)) // per_setting))
+                if per_setting > 0 else len(chosen))
+        return keep_strongest(chosen, fits) if fits else []  # with no room the caller sends them to the final run
 
     def run_final(self, finalists: list[Candidate], label: str, with_baseline: bool) -> None:
         """Generate the finalists in full (with the baseline), as the time budget allows, and measure their KL
         on every neutral text."""
-        per_setting = self.generation_cost(1, len(self.eval_prompts), self.generation.max_new_tokens)
         fits = len(finalists)
         if not math.isinf(self.clock.left()):  # at least one, so that a search always has a choice to offer
-            fits = max(1, int(self.clock.left() // per_setting) - int(with_baseline))
+            fits = max(1, int(self.clock.left() // self.full_run_cost(1)) - int(with_baseline))
             for candidate in finalists[fits:]:
-                candidate.stage = "skipped (time budget)"
+                candidate.stage = SKIPPED
         finalists = finalists[:fits]
         self.measure_kl([candidate for candidate in finalists if candidate.kl_texts < self.neutral.texts])
         pending = [candidate for candidate in ([self.baseline] if with_baseline else []) + finalists
@@ -337,7 +332,7 @@ class _Search(_Measurements):
     def search(self, candidates: list[Candidate], label: str = "", forced: Sequence[Candidate] = ()) -> None:
         """Place the settings on the KL budget, screen the undominated ones, generate the best in full."""
         # KL placement stops while the baseline and two settings can still be generated in full
-        reserve = self.generation_cost(3, len(self.eval_prompts), self.generation.max_new_tokens)
+        reserve = self.full_run_cost(3)
         within = self.place(candidates, reserve)
         self.clock.show(self.remaining(0, len(frontier(within)), self.budget.finalists))
         finalists = self.run_screen(within, label)
@@ -348,6 +343,14 @@ class _Search(_Measurements):
 
     def choose(self, candidates: list[Candidate]) -> Candidate | None:
         return choose(candidates, self.budget.kl_budget, self.judging.quality_floor, self.space.goal)
+
+
+def keep_strongest(candidates: list[Candidate], count: int) -> list[Candidate]:
+    """The `count` settings closest to the KL budget (the strongest), first; the rest are skipped for time."""
+    ordered = sorted(candidates, key=lambda c: -(c.kl or 0.0))
+    for candidate in ordered[count:]:
+        candidate.stage = SKIPPED
+    return ordered[:count]
 
 
 def tune(model, tokenizer, positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,

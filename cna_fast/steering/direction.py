@@ -18,7 +18,7 @@ from torch import nn
 
 from ..circuit import Circuit
 from ..errors import CNAError
-from ..hooks import HookSet
+from ..hooks import HookedSteering, HookSet
 from ..models import attention_output_projection, get_adapter, residual_writers
 
 
@@ -41,7 +41,7 @@ def _unit_direction(model: nn.Module, direction: torch.Tensor) -> torch.Tensor:
     return (direction / norm).float()
 
 
-class AblateDirection:
+class AblateDirection(HookedSteering):
     """Directional ablation: remove (1 - strength) times the component along `direction` from every write into the
     residual stream, at every position, until removed.
 
@@ -103,16 +103,6 @@ class AblateDirection:
             return project(output)
 
         return hook
-
-    def remove(self) -> None:
-        """Remove the hooks; the model is exactly as before."""
-        self._hooks.close()
-
-    def __enter__(self) -> "AblateDirection":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def ablation_changed_parameters(model: nn.Module) -> int:

@@ -10,11 +10,11 @@ from torch import nn
 
 from ..circuit import Circuit
 from ..errors import CNAError
-from ..hooks import HookSet
+from ..hooks import HookedSteering, HookSet
 from ..models import get_adapter
 
 
-class AddDirections:
+class AddDirections(HookedSteering):
     """CAA baseline: add `alpha * direction[layer]` to the MLP output of each listed layer, at every position.
 
     alpha: one factor, or [batch] factors (one per row). alpha 0 is the identity.
@@ -59,16 +59,6 @@ class AddDirections:
             return output + shift.to(output.dtype)
 
         return hook
-
-    def remove(self) -> None:
-        """Remove the hooks; the model is exactly as before."""
-        self._hooks.close()
-
-    def __enter__(self) -> "AddDirections":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def caa(model: nn.Module, circuit: Circuit, alpha: float | torch.Tensor) -> AddDirections:
